@@ -1,0 +1,4 @@
+"""Adapters that register the path-metric criterion with compression frameworks.
+
+Each module here imports its framework; the core ``pathsaliency`` never does.
+"""

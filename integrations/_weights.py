@@ -1,0 +1,88 @@
+"""Helpers shared by the quantization adapters (framework-free).
+
+The adapters turn a framework's quantized model into a plain mapping
+``{parameter name of the float reference model: float32 tensor}``.  These
+helpers build that mapping against the reference model, check it, and load it
+into a copy of the reference.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Iterable, Mapping, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["assemble_weights", "check_buffers", "load_effective_weights"]
+
+
+def assemble_weights(
+    reference: nn.Module, values: Mapping[str, torch.Tensor], *, source: str
+) -> Dict[str, torch.Tensor]:
+    """Return ``{name: float32 tensor}`` for every parameter of ``reference``.
+
+    ``values`` must provide every parameter name of ``reference`` (as listed by
+    ``reference.named_parameters()``) with the reference's shape; extra entries
+    are ignored.  Results are detached float32 clones on the reference's device,
+    so the returned dict never aliases the quantized model's storage.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    missing = []
+    for name, ref in reference.named_parameters():
+        value = values.get(name)
+        if value is None:
+            missing.append(name)
+            continue
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"{source}: effective value of {name!r} has shape {tuple(value.shape)}, "
+                f"the reference parameter has shape {tuple(ref.shape)}"
+            )
+        out[name] = value.detach().to(device=ref.device, dtype=torch.float32).clone()
+    if missing:
+        raise ValueError(
+            f"{source}: the quantized model gives no value for the reference parameters {missing}; "
+            "is `reference` the float model that was quantized?"
+        )
+    return out
+
+
+def check_buffers(
+    reference: nn.Module, buffers: Iterable[Tuple[str, torch.Tensor]], *, source: str
+) -> None:
+    """Raise if a floating buffer the quantized model uses differs from the reference's.
+
+    The effective-weight dict only carries parameters; the certificate takes
+    buffers (e.g. batch-norm running statistics) from the reference, which is
+    only sound if the quantized model did not change them.
+    """
+    ref_buffers = dict(reference.named_buffers())
+    for name, value in buffers:
+        ref = ref_buffers.get(name)
+        if ref is None or not torch.is_floating_point(ref):
+            continue
+        if value.shape != ref.shape or not torch.equal(value.detach().to(ref), ref):
+            raise ValueError(
+                f"{source}: buffer {name!r} of the quantized model differs from the reference's; "
+                "the effective-weight mapping only covers parameters"
+            )
+
+
+def load_effective_weights(reference: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Return a deep copy of ``reference`` whose parameters are replaced by ``weights``.
+
+    Every parameter of ``reference`` must be present in ``weights``; buffers are
+    the reference's.  ``reference`` itself is not modified.
+    """
+    model = copy.deepcopy(reference)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise ValueError(f"weights lack the parameters {missing}")
+    with torch.no_grad():
+        for name, param in params.items():
+            value = weights[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{name!r}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+            param.copy_(value.to(param))
+    return model

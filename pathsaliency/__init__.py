@@ -1,0 +1,15 @@
+"""pathsaliency: the l1 path-metric of ReLU networks, for compression tools.
+
+For a ReLU network (convolutions, skips, pooling, frozen batch-norm) and two parameter vectors,
+``||R_theta(x) - R_theta'(x)||_1 <= max(1, ||x||_inf) * D(theta, theta')`` where ``D`` is the l1
+path-metric, computed here with a few forward passes of the network with absolute weights.
+"""
+from .errors import ArchitectureMismatchError, PathSaliencyError, UnsupportedModelError
+from .metric import PathMetric, lipschitz_bound, path_metric
+from .norm import PathValue, path_norm
+
+__all__ = [
+    "path_norm", "path_metric", "lipschitz_bound", "PathValue", "PathMetric",
+    "PathSaliencyError", "UnsupportedModelError", "ArchitectureMismatchError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Model definitions the project needs that torchvision does not ship."""

@@ -1,0 +1,86 @@
+"""The parameter vector theta of MATH.md section 1: every edge weight and bias after folding frozen
+batch-norm, one ``(W, b)`` pair per affine step of the graph.
+
+A batch-norm with scale ``s = gamma / sqrt(var + eps)`` and shift ``t = beta - mean * s`` folds into the
+conv/linear ``(W, b)`` before it as ``(s * W, s * b + t)`` (``s`` multiplies the output channel); a
+standalone batch-norm is the diagonal step ``(s, t)``.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from .errors import ArchitectureMismatchError, PathSaliencyError
+
+
+def named_tensors(source) -> Mapping[str, torch.Tensor]:
+    """Parameters and buffers of a module by qualified name (shared tensors under every name), or a
+    state dict as given."""
+    if isinstance(source, nn.Module):
+        out = dict(source.named_parameters(remove_duplicate=False))
+        out.update(source.named_buffers(remove_duplicate=False))
+        return out
+    if isinstance(source, Mapping):
+        return source
+    raise TypeError(f"expected an nn.Module or a mapping of parameter names to tensors, got {type(source).__name__}")
+
+
+def effective(step, tensors: Mapping[str, torch.Tensor], dtype, device):
+    """The signed ``(W, b)`` of one affine step (``b`` may be None) in ``dtype`` on ``device``."""
+    def get(name, required=True):
+        t = tensors.get(name)
+        if t is None:
+            if required:
+                raise ArchitectureMismatchError(f"no tensor named '{name}' (needed by step '{step.name}')")
+            return None
+        return t.detach().to(device=device, dtype=dtype)
+
+    if step.kind == "bn":
+        return _bn_affine(step, get)
+    w = get(f"{step.module}.weight")
+    b = get(f"{step.module}.bias", required=False)
+    if step.bn is None:
+        return w, b
+    s, t = _bn_affine(step, get)
+    w = _scale_outputs(step, w, s)
+    return w, (t if b is None else s * b + t)
+
+
+def _bn_affine(step, get):
+    mean, var = get(f"{step.bn}.running_mean"), get(f"{step.bn}.running_var")
+    gamma, beta = get(f"{step.bn}.weight", False), get(f"{step.bn}.bias", False)
+    s = torch.rsqrt(var + step.eps)
+    if gamma is not None:
+        s = gamma * s
+    t = -mean * s
+    if beta is not None:
+        t = t + beta
+    return s, t
+
+
+def _scale_outputs(step, w, s):
+    """Multiply every output channel ``o`` of a conv/linear weight by ``s[o]``."""
+    if step.kind == "conv_transpose":  # weight: (in, out / groups, *k)
+        g = step.conv.groups
+        shape = w.shape
+        w = w.view(g, shape[0] // g, shape[1], *shape[2:]) * s.view(g, 1, shape[1], *([1] * (w.dim() - 2)))
+        return w.view(shape)
+    return w * s.view((-1,) + (1,) * (w.dim() - 1))
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], names, what="model"):
+    """Refuse NaN or infinite parameters, naming them."""
+    bad = [n for n in names if n in tensors and tensors[n].is_floating_point() and not torch.isfinite(tensors[n]).all()]
+    if bad:
+        raise PathSaliencyError(f"the {what} has NaN or infinite values in: {', '.join(bad)}")
+
+
+def step_tensor_names(step):
+    names = []
+    if step.module:
+        names += [f"{step.module}.weight", f"{step.module}.bias"]
+    if step.bn:
+        names += [f"{step.bn}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
+    return names

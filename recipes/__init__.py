@@ -1,0 +1,1 @@
+"""End-to-end recipes: pruned and quantized ResNets with their certified robustness bounds."""
