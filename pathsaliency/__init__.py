@@ -7,9 +7,11 @@ path-metric, computed here with a few forward passes of the network with absolut
 from .errors import ArchitectureMismatchError, PathSaliencyError, UnsupportedModelError
 from .metric import PathMetric, lipschitz_bound, path_metric
 from .norm import PathValue, path_norm
+from .saliency import Removal, Scores, channel_saliency, path_magnitude
 
 __all__ = [
     "path_norm", "path_metric", "lipschitz_bound", "PathValue", "PathMetric",
+    "path_magnitude", "channel_saliency", "Removal", "Scores",
     "PathSaliencyError", "UnsupportedModelError", "ArchitectureMismatchError",
 ]
 __version__ = "0.1.0"

@@ -107,6 +107,18 @@ class Plan:
     absorbed: set  # conv/linear nodes whose batch-norm was folded into them
     shared: dict = field(default_factory=dict)  # module name -> number of calls (> 1)
     producers: dict = field(default_factory=dict)  # module name -> list of Affine steps that use it
+    frees: dict = field(default_factory=dict)  # node -> nodes whose last reader it is
+
+    def __post_init__(self):
+        last = {}
+        for n in self.nodes:
+            for a in n.all_input_nodes:
+                last[a] = n
+            if n in self.affine:
+                last[self.affine[n].input] = n
+        for a, n in last.items():
+            if a is not self.output:
+                self.frees.setdefault(n, []).append(a)
 
     @property
     def steps(self):
@@ -115,12 +127,16 @@ class Plan:
     def module_steps(self, name: str):
         return self.producers.get(name, [])
 
-    def reachable_from(self, sources) -> set:
-        """Every live node that depends on one of ``sources`` (the sources included)."""
+    def inputs_of(self, n):
+        return [self.affine[n].input] if n in self.affine else n.all_input_nodes
+
+    def reachable_from(self, sources, through=None) -> set:
+        """Every live node that depends on one of ``sources`` (the sources included); with ``through``,
+        only along nodes for which ``through(node)`` is true."""
         sources = set(sources)
         reach = set()
         for n in self.nodes:
-            if n in sources or any(a in reach for a in n.all_input_nodes):
+            if n in sources or ((through is None or through(n)) and any(a in reach for a in self.inputs_of(n))):
                 reach.add(n)
         return reach
 

@@ -72,10 +72,15 @@ class Lifted:
         params.check_finite(tensors, names, "model" if isinstance(source, nn.Module) else "state dict")
         return {node: params.effective(step, tensors, dtype, self.device) for node, step in self.plan.affine.items()}
 
+    @staticmethod
+    def state_key(source, dtype) -> tuple:
+        """Changes whenever a tensor of ``source`` is replaced or written to in place."""
+        tensors = params.named_tensors(source)
+        return (dtype,) + tuple((id(t), t.data_ptr(), t._version) for t in tensors.values())
+
     def absolute(self, source, dtype, q=1) -> dict:
         """node -> :class:`Weights` ``(|W|**q, |b|**q)``, cached while the source tensors are unchanged."""
-        tensors = params.named_tensors(source)
-        key = (dtype, q, tuple((id(t), t.data_ptr(), t._version) for t in tensors.values()))
+        key = (q,) + self.state_key(source, dtype)
         hit = self._weights_cache.get(id(source))
         if hit is not None and hit[0] == key:
             return hit[1]

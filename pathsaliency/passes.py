@@ -159,11 +159,13 @@ def _sum_scaled(terms):
     return renorm(Scaled(out, e))
 
 
-def norm_pass(plan, weights, input_shape, *, q=1, dtype, device, keep=None):
+def norm_pass(plan, weights, input_shape, *, q=1, dtype, device, keep=True, retain=None):
     """The path-norm pass. ``weights``: step node -> :class:`Weights` (already ``|.|**q``).
 
-    Returns ``(log2 of the norm per sample, env)``; ``env`` maps each node to its scaled value when
-    ``keep`` is True, or only the nodes in ``keep`` when it is a set.
+    Returns ``(log2 of the norm per sample, env)``; ``env`` maps each node to its scaled value (with
+    ``keep=False`` values are dropped after their last use and ``env`` holds the output only).
+    ``retain``: a dict that receives, for every affine step, its output tensor as a node of the
+    autograd graph (for ``fwd(v) * bwd(v)``).
     """
     ones = torch.ones((1,) + tuple(input_shape), dtype=dtype, device=device)
     env = {}
@@ -175,9 +177,17 @@ def norm_pass(plan, weights, input_shape, *, q=1, dtype, device, keep=None):
                 env[n] = eval_static(n, env, plan.root)
             elif n in plan.affine:
                 step = plan.affine[n]
-                env[n] = _affine(step, env[step.input], weights[n])
+                y = _affine(step, env[step.input], weights[n])
+                if retain is not None:
+                    if not y.t.requires_grad:
+                        y = Scaled(y.t.requires_grad_(True), y.e)
+                    retain[n] = y.t
+                env[n] = y
             else:
                 env[n] = apply_fixed(plan.actions[n], _resolve(n.args, env), _resolve(n.kwargs, env), q)
+            if not keep:
+                for a in plan.frees.get(n, ()):
+                    env.pop(a, None)
         except PathSaliencyError:
             raise
         except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError) as exc:
