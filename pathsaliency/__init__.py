@@ -7,11 +7,12 @@ path-metric, computed here with a few forward passes of the network with absolut
 from .errors import ArchitectureMismatchError, PathSaliencyError, UnsupportedModelError
 from .metric import PathMetric, lipschitz_bound, path_metric
 from .norm import PathValue, path_norm
+from .rescale import random_rescale
 from .saliency import Removal, Scores, channel_saliency, path_magnitude
 
 __all__ = [
     "path_norm", "path_metric", "lipschitz_bound", "PathValue", "PathMetric",
-    "path_magnitude", "channel_saliency", "Removal", "Scores",
+    "random_rescale", "path_magnitude", "channel_saliency", "Removal", "Scores",
     "PathSaliencyError", "UnsupportedModelError", "ArchitectureMismatchError",
 ]
 __version__ = "0.1.0"
