@@ -48,6 +48,22 @@ def effective(step, tensors: Mapping[str, torch.Tensor], dtype, device):
     return w, (t if b is None else s * b + t)
 
 
+def bn_affine(step, tensors, dtype, device):
+    """``(s, t)``: the scale and shift of the step's batch-norm."""
+    def get(name, required=True):
+        t = tensors.get(name)
+        if t is None and required:
+            raise ArchitectureMismatchError(f"no tensor named '{name}' (needed by step '{step.name}')")
+        return None if t is None else t.detach().to(device=device, dtype=dtype)
+
+    return _bn_affine(step, get)
+
+
+def scale_outputs(step, w, s):
+    """Multiply every output channel ``o`` of a conv/linear weight by ``s[o]``."""
+    return _scale_outputs(step, w, s)
+
+
 def _bn_affine(step, get):
     mean, var = get(f"{step.bn}.running_mean"), get(f"{step.bn}.running_var")
     gamma, beta = get(f"{step.bn}.weight", False), get(f"{step.bn}.bias", False)

@@ -36,7 +36,8 @@ class Scores(dict):
 
 
 def _affine_weights_with_grad(lifted, model, dtype):
-    """Absolute weights whose conv/linear parts hang on leaves ``|W_raw|`` (one per module)."""
+    """Absolute weights whose conv/linear parts hang on leaves ``|W_raw|`` (one per module):
+    ``|s * W| = |s| * |W|`` for a folded batch-norm scale ``s``."""
     tensors = params.named_tensors(model)
     leaves, weights = {}, {}
     for node, (w, b) in lifted.signed(model, dtype).items():
@@ -44,25 +45,16 @@ def _affine_weights_with_grad(lifted, model, dtype):
         if step.module is None:
             weights[node] = Weights(w.abs(), None if b is None else b.abs())
             continue
-        raw = tensors[f"{step.module}.weight"].detach().to(device=lifted.device, dtype=dtype)
         leaf = leaves.get(step.module)
         if leaf is None:
+            raw = tensors[f"{step.module}.weight"].detach().to(device=lifted.device, dtype=dtype)
             leaf = leaves[step.module] = raw.abs().requires_grad_(True)
-        if step.bn is None:
-            a = leaf
-        else:  # |s * W| = |s| * |W| per output channel
-            with torch.no_grad():
-                ratio = torch.where(raw != 0, w.abs() / raw.abs(), _bn_abs_scale(step, tensors, dtype, lifted.device, raw))
-            a = leaf * ratio
+        a = leaf
+        if step.bn is not None:
+            s, _ = params.bn_affine(step, tensors, dtype, lifted.device)
+            a = params.scale_outputs(step, leaf, s.abs())
         weights[node] = Weights(a, None if b is None else b.abs())
     return weights, leaves
-
-
-def _bn_abs_scale(step, tensors, dtype, device, like):
-    fake = {**{k: v for k, v in tensors.items() if k.startswith(step.bn + ".")},
-            f"{step.module}.weight": torch.ones_like(like)}
-    w, _ = params.effective(step, fake, dtype, device)
-    return w.abs()
 
 
 def _reentrant_modules(lifted) -> list:

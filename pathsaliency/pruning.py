@@ -1,0 +1,95 @@
+"""``prune_unstructured``: one-shot unstructured pruning by path-magnitude (or plain magnitude)."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .saliency import path_magnitude
+
+CRITERIA = ("path-magnitude", "magnitude")
+
+
+def prunable_weights(model: nn.Module, exclude: Callable[[str, torch.Tensor], bool] | None = None) -> list:
+    """Names of the conv/linear weights that pruning may zero: trainable ones (``requires_grad``), minus
+    ``exclude(name, tensor)``. Frozen weights (e.g. a fixed-weight shortcut) are structure, not theta to prune."""
+    names = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, ops.CONV_MODULES + ops.CONV_TRANSPOSE_MODULES + ops.LINEAR_MODULES):
+            name = f"{mname}.weight"
+            if mod.weight.requires_grad and not (exclude and exclude(name, mod.weight)):
+                names.append(name)
+    return names
+
+
+def unstructured_scores(model, input_shape=None, criterion="path-magnitude", names=None, **kw) -> dict:
+    """``{weight name: score}`` for ``criterion``: ``|w|`` for magnitude, the relative path-metric lost for
+    path-magnitude (which needs ``input_shape``)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    names = prunable_weights(model) if names is None else names
+    params = dict(model.named_parameters())
+    if criterion == "magnitude":
+        return {n: params[n].detach().abs() for n in names}
+    if input_shape is None:
+        raise ValueError("path-magnitude needs input_shape, the shape of one input sample, e.g. (3, 224, 224)")
+    scores = path_magnitude(model, input_shape, **kw)
+    missing = [n for n in names if n not in scores]
+    if missing:
+        raise ValueError(f"weights {missing} do not reach the output: path-magnitude cannot score them")
+    return {n: scores[n] for n in names}
+
+
+def masks_from_scores(scores: dict, amount: float, scope: str = "global") -> dict:
+    """Boolean keep-masks that remove the ``amount`` fraction of lowest scores (exact count, ties broken
+    by position), over all weights together (``scope="global"``) or per weight tensor (``"local"``)."""
+    if not 0 <= amount <= 1:
+        raise ValueError(f"amount must be in [0, 1], got {amount}")
+    if scope == "local":
+        return {n: masks_from_scores({n: s}, amount, "global")[n] for n, s in scores.items()}
+    if scope != "global":
+        raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
+    flat = torch.cat([s.detach().reshape(-1).to(torch.float64).cpu() for s in scores.values()])
+    k = int(round(amount * flat.numel()))
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        keep[torch.argsort(flat, stable=True)[:k]] = False
+    out, start = {}, 0
+    for n, s in scores.items():
+        out[n] = keep[start:start + s.numel()].view(s.shape).to(s.device)
+        start += s.numel()
+    return out
+
+
+def apply_masks(model: nn.Module, masks: dict, use_torch_prune: bool = False) -> nn.Module:
+    """A pruned deep copy: weights zeroed where the mask is False, or, with ``use_torch_prune``, masks
+    attached through ``torch.nn.utils.prune.custom_from_mask`` (``weight_orig`` + ``weight_mask``)."""
+    pruned = copy.deepcopy(model)
+    for name, mask in masks.items():
+        mname, _, pname = name.rpartition(".")
+        mod = pruned.get_submodule(mname)
+        if use_torch_prune:
+            torch.nn.utils.prune.custom_from_mask(mod, pname, mask.to(getattr(mod, pname).device))
+        else:
+            with torch.no_grad():
+                getattr(mod, pname).mul_(mask.to(getattr(mod, pname).dtype))
+    return pruned
+
+
+def prune_unstructured(model: nn.Module, amount: float, input_shape=None, *, criterion="path-magnitude",
+                       scope="global", use_torch_prune=False, exclude=None, **kw):
+    """Prune the ``amount`` fraction of conv/linear weights with the lowest ``criterion`` scores.
+
+    Returns ``(pruned_copy, masks)``: the copy has those weights set to zero (or, with
+    ``use_torch_prune=True``, carries ``torch.nn.utils.prune`` masks); ``masks`` maps weight names to
+    boolean keep-masks. ``model`` is not modified. Path-magnitude scores are in one unit across layers
+    (the path-metric lost) and unchanged by neuron rescaling, so global scope needs no per-layer
+    normalisation; ``**kw`` goes to :func:`pathsaliency.path_magnitude` (``output``, ``dtype``).
+    """
+    names = prunable_weights(model, exclude)
+    scores = unstructured_scores(model, input_shape, criterion, names, **kw)
+    masks = masks_from_scores(scores, amount, scope)
+    return apply_masks(model, masks, use_torch_prune), masks

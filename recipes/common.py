@@ -1,0 +1,77 @@
+"""What every recipe shares: decoded data held as tensors, batched inference, seeds, and tables
+written as CSV, Markdown and JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import torch
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def as_tensors(dataset, batch_size=500, workers=0, progress=False, desc="decode"):
+    """``(X, Y)``: a dataset decoded once into two tensors (CIFAR-10 test: 123 MB), so that the many
+    models a recipe compares all see the same inputs without decoding JPEGs again."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=desc, leave=False)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def predict(model, X, batch_size=500, device="cpu"):
+    """Outputs of ``model`` (evaluated as is: call ``.eval()`` first) on every row of ``X``."""
+    return torch.cat([model(X[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)])
+
+
+def top1(logits, Y) -> float:
+    return 100.0 * (logits.argmax(1) == Y).float().mean().item()
+
+
+def deviation(ref_logits, logits):
+    """Per-sample ``||R_theta(x) - R_theta'(x)||_1``."""
+    return (ref_logits.double() - logits.double()).abs().sum(1)
+
+
+def write_table(rows: list, out: Path, stem: str, title: str, columns=None, formats=None) -> dict:
+    """Write ``rows`` (a list of dicts) as ``stem.csv``, ``stem.md`` and ``stem.json`` under ``out``;
+    returns the paths. ``formats`` maps a column to a format string for the Markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    columns = columns or list(rows[0])
+    formats = formats or {}
+    paths = {k: out / f"{stem}.{k}" for k in ("csv", "md", "json")}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(paths["json"], "w") as f:
+        json.dump(rows, f, indent=1)
+    paths["md"].write_text(markdown_table(rows, columns, formats, title))
+    return paths
+
+
+def markdown_table(rows, columns, formats, title=None) -> str:
+    def fmt(c, v):
+        if isinstance(v, float) and c in formats:
+            return format(v, formats[c])
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    lines += ["| " + " | ".join(fmt(c, r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
