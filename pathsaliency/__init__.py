@@ -7,12 +7,15 @@ path-metric, computed here with a few forward passes of the network with absolut
 from .errors import ArchitectureMismatchError, PathSaliencyError, UnsupportedModelError
 from .metric import PathMetric, lipschitz_bound, path_metric
 from .norm import PathValue, path_norm
+from .pruning import prune_unstructured
 from .rescale import random_rescale
+from .report import RobustnessReport, robustness_report
 from .saliency import Removal, Scores, channel_saliency, path_magnitude
 
 __all__ = [
     "path_norm", "path_metric", "lipschitz_bound", "PathValue", "PathMetric",
-    "random_rescale", "path_magnitude", "channel_saliency", "Removal", "Scores",
+    "random_rescale", "path_magnitude", "prune_unstructured", "channel_saliency", "Removal", "Scores",
     "PathSaliencyError", "UnsupportedModelError", "ArchitectureMismatchError",
+    "robustness_report", "RobustnessReport",
 ]
 __version__ = "0.1.0"

@@ -108,8 +108,15 @@ class Plan:
     shared: dict = field(default_factory=dict)  # module name -> number of calls (> 1)
     producers: dict = field(default_factory=dict)  # module name -> list of Affine steps that use it
     frees: dict = field(default_factory=dict)  # node -> nodes whose last reader it is
+    consumers: dict = field(default_factory=dict)  # node -> non-static nodes that read it
+    index: dict = field(default_factory=dict)  # node -> position in ``nodes``
 
     def __post_init__(self):
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        for n in self.nodes:
+            if n not in self.static:
+                for a in self.inputs_of(n):
+                    self.consumers.setdefault(a, []).append(n)
         last = {}
         for n in self.nodes:
             for a in n.all_input_nodes:

@@ -52,11 +52,13 @@ class Same:
 
     fn: Callable
     combines: bool = False  # True when several activations enter (cat, stack): align their scales
+    grows: bool = False  # True when outputs can exceed inputs (sums): the pass then rescales
     weight_q: Callable | None = None  # (output, args, kwargs, q) -> output with weights raised to q
     all_ones: bool = True  # every edge weight is 1, so q does not matter
 
     def __call__(self, args, kwargs, q):
-        out = self.fn(*args, **kwargs)
+        fn = self.fn.forward if isinstance(self.fn, nn.Module) else self.fn  # never the user's hooks
+        out = fn(*args, **kwargs)
         if q != 1 and not self.all_ones:
             if self.weight_q is None:
                 raise NotImplementedError(f"q != 1 is not supported through {_name(self.fn)}: its fixed weights are not all 1")
@@ -561,7 +563,7 @@ def _reduce_action(fn, args, kwargs, is_sum):
     if any(d == 0 for d in dims_list):
         return Refusal("reduction over the batch dimension")
     if is_sum:
-        return Same(fn)
+        return Same(fn, grows=True)
     return Same(fn, all_ones=False, weight_q=_mean_weight_q)
 
 

@@ -55,6 +55,8 @@ def renorm(x: Scaled) -> Scaled:
 
 def align(values):
     """Bring several scaled tensors to a common exponent: returns the raw tensors and the exponent."""
+    if len(values) == 1:
+        return [values[0].t], values[0].e
     e = values[0].e
     for v in values[1:]:
         e = torch.maximum(e, v.e)
@@ -97,6 +99,8 @@ def apply_fixed(action, args, kwargs, q, bias=True):
         out = out + b * _pow2(-e, out.dim())
     if isinstance(out, (tuple, list)):
         return tuple(Scaled(o, e) for o in out)
+    if isinstance(action, ops.Same) and not (action.combines or action.grows):
+        return Scaled(out, e)  # a fixed map that cannot grow values (reshape, slice, pad, average): no rescale
     return renorm(Scaled(out, e))
 
 
@@ -164,8 +168,8 @@ def norm_pass(plan, weights, input_shape, *, q=1, dtype, device, keep=True, reta
 
     Returns ``(log2 of the norm per sample, env)``; ``env`` maps each node to its scaled value (with
     ``keep=False`` values are dropped after their last use and ``env`` holds the output only).
-    ``retain``: a dict that receives, for every affine step, its output tensor as a node of the
-    autograd graph (for ``fwd(v) * bwd(v)``).
+    ``retain``: a dict that receives, for every node, its raw output tensor as a node of the autograd
+    graph (for ``fwd(v) * bwd(v)`` and the chain rule).
     """
     ones = torch.ones((1,) + tuple(input_shape), dtype=dtype, device=device)
     env = {}
@@ -178,13 +182,13 @@ def norm_pass(plan, weights, input_shape, *, q=1, dtype, device, keep=True, reta
             elif n in plan.affine:
                 step = plan.affine[n]
                 y = _affine(step, env[step.input], weights[n])
-                if retain is not None:
-                    if not y.t.requires_grad:
-                        y = Scaled(y.t.requires_grad_(True), y.e)
-                    retain[n] = y.t
+                if retain is not None and not y.t.requires_grad:
+                    y = Scaled(y.t.requires_grad_(True), y.e)
                 env[n] = y
             else:
                 env[n] = apply_fixed(plan.actions[n], _resolve(n.args, env), _resolve(n.kwargs, env), q)
+            if retain is not None and isinstance(env[n], Scaled) and env[n].t.requires_grad:
+                retain[n] = env[n].t
             if not keep:
                 for a in plan.frees.get(n, ()):
                     env.pop(a, None)
@@ -275,15 +279,20 @@ def _is_static_value(v):
     return not (v is None or isinstance(v, (Scaled, tuple)))
 
 
-def removal_pass(plan, weights, cache, masks, in_masks, num, input_shape, *, dtype, device):
+def removal_pass(plan, weights, cache, masks, in_masks, num, input_shape, *, dtype, device, grads=None):
     """``log2`` of the path-norm lost when candidate ``j`` of ``num`` removes its neurons.
 
     ``cache``: node -> scaled value of a full norm pass with the same ``weights`` (batch 1).
     ``masks``: node -> bool tensor ``(num, C)``: channels of the node's output removed by candidate ``j``.
     ``in_masks``: affine node -> bool ``(num, C_in)``: input channels of that step removed by ``j``.
+    ``grads``: node -> ``d(sum of the cached output) / d(cached value)``. Past the last removal the lost
+    part ``d`` only flows through the unchanged linear network, so as soon as one node carries all of it
+    (every path to the output crosses it) the loss is ``<d, grad>`` there and the pass stops early.
     """
     sources = set(masks) | set(in_masks)
     reach = plan.reachable_from(sources)
+    last = max(plan.index[n] for n in sources)
+    pending = {}  # nodes carrying part of ``d`` -> consumers not yet computed
     env = {}
     for n in plan.nodes:
         if n in plan.static:
@@ -303,12 +312,32 @@ def removal_pass(plan, weights, cache, masks, in_masks, num, input_shape, *, dty
         if n in masks:
             d = _inject(d, cache[n], masks[n], plan.affine[n].channel_dim if n in plan.affine else 1, num)
         env[n] = d
+        for a in plan.inputs_of(n):
+            if a in pending:
+                pending[a] -= 1
+                if not pending[a]:
+                    del pending[a]
+        if d is not None and plan.consumers.get(n):
+            pending[n] = len(plan.consumers[n])
+        if grads is not None and plan.index[n] >= last and n in grads and isinstance(d, Scaled) and list(pending) == [n]:
+            return _log2_through(d, cache[n], grads[n], cache[plan.output], num)
     out = env[plan.output]
     if out is None:
         return torch.full((num,), -math.inf, dtype=torch.float64)
     if out.t.shape[0] != num:
         out = Scaled(out.t.expand(num, *out.t.shape[1:]), out.e.expand(num))
     return log2_total(out)
+
+
+def _log2_through(d: Scaled, full: Scaled, grad, out: Scaled, num):
+    """``log2`` of what ``d`` at a node contributes to the output, by the chain rule: ``<d, grad>``.
+
+    ``grad`` is the derivative of the cached output's raw sum by the node's raw cached value, so the
+    true loss is ``<d_raw, grad> * 2**(e_d - e_node + e_out)``."""
+    dt = d.t.expand(num, *d.t.shape[1:]) if d.t.shape[0] != num else d.t
+    dot = (dt.to(torch.float64) * grad.to(torch.float64)).reshape(num, -1).sum(1)
+    e = d.e.to(torch.float64).expand(num) - full.e.to(torch.float64) + out.e.to(torch.float64)
+    return torch.log2(dot) + e
 
 
 def _inject(d, full: Scaled, mask, dim, num):

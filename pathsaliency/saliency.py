@@ -136,11 +136,15 @@ class _Profile:
             log2, env = norm_pass(plan, self.weights, shape, dtype=dtype, device=lifted.device, retain=outs)
             total = env[plan.output].t.sum(dtype=torch.float64)
             grads = torch.autograd.grad(total, list(outs.values()), allow_unused=True) if outs else []
-        self.log2_norm = float(log2[0])
+        self.log2_norm = float(log2.detach()[0])
         self.cache = {n: _detach(v) for n, v in env.items()}
+        self.grads = {n: (g if g is not None else torch.zeros_like(t)) for (n, t), g in zip(outs.items(), grads)}
         self.channel_loss = {}
-        for (node, t), g in zip(outs.items(), grads):
-            prod = (t.detach() * g).to(torch.float64) if g is not None else torch.zeros_like(t, dtype=torch.float64)
+        for node, g in self.grads.items():
+            if node not in plan.affine:
+                continue
+            t = outs[node]
+            prod = (t.detach() * g).to(torch.float64)
             dim = plan.affine[node].channel_dim % prod.dim()
             self.channel_loss[node] = prod.sum([d for d in range(prod.dim()) if d != dim]) / total.detach()
 
@@ -246,6 +250,7 @@ def _removal_scores(lifted, prof, shape, masks, in_masks, num, dtype, budget):
             k = sl.stop - sl.start
             m = {n: v[sl].to(dev) for n, v in masks.items()}
             im = {n: v[sl].to(dev) for n, v in in_masks.items()}
-            log2 = removal_pass(plan, prof.weights, prof.cache, m, im, k, shape, dtype=dtype, device=dev)
+            log2 = removal_pass(plan, prof.weights, prof.cache, m, im, k, shape, dtype=dtype, device=dev,
+                                grads=prof.grads)
             out.append(torch.exp2(log2.cpu() - prof.log2_norm))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

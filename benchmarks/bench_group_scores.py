@@ -1,0 +1,104 @@
+"""All structured (torch-pruning group) scores of a torchvision model: time and peak memory.
+
+    python benchmarks/bench_group_scores.py [--models resnet18 resnet50] [--size 224]
+
+Compares, on the same groups (every group of ``DependencyGraph.get_all_groups``, classifier ignored):
+
+* ``PathMetricImportance`` (exact): one forward/backward of the path-norm pass for every antichain
+  group, batched removal passes for the others (residual streams);
+* ``PathMetricImportance(exact=False)``: the first-order approximation;
+* (a) recomputing the path-norm once per candidate channel (measured as the time of one repeated
+  ``path_norm`` call times the number of candidates: a lower bound of that baseline);
+* (b) torch-pruning's ``MagnitudeImportance``.
+
+Each method runs in a fresh process (so its peak resident memory is its own); times are ratios to one
+float32 forward pass of the model measured in that process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+
+
+def _measure(model_name, size, method, queue):
+    import torch
+    import torch_pruning as tp
+    import torchvision
+
+    import pathsaliency as ps
+    from common import forward_time, peak_rss_mb
+    from pathsaliency.integrations.torch_pruning import PathMetricImportance
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(model_name).eval()
+    shape = (3, size, size)
+    fwd = forward_time(model, shape, repeat=5)
+    base_rss = peak_rss_mb()
+    DG = tp.DependencyGraph().build_dependency(model, torch.randn(1, *shape))
+    groups = list(DG.get_all_groups(ignored_layers=[model.fc], root_module_types=[torch.nn.Conv2d, torch.nn.Linear]))
+    candidates = sum(len(g[0].idxs) for g in groups)
+    t = time.perf_counter()
+    if method == "path-metric":
+        imp = PathMetricImportance(shape)
+        for g in groups:
+            imp(g)
+    elif method == "first-order":
+        imp = PathMetricImportance(shape, exact=False)
+        for g in groups:
+            imp(g)
+    elif method == "magnitude":
+        imp = tp.importance.MagnitudeImportance(p=1)
+        for g in groups:
+            imp(g)
+    elif method == "per-candidate":
+        ps.path_norm(model, shape)
+        reps = 5
+        t = time.perf_counter()
+        for _ in range(reps):
+            ps.path_norm(model, shape)
+        per = (time.perf_counter() - t) / reps
+        queue.put({"model": model_name, "method": method, "seconds": per * candidates, "forward_ms": fwd * 1e3,
+                   "x_forward": per * candidates / fwd, "groups": len(groups), "candidates": candidates,
+                   "peak_rss_mb": peak_rss_mb(), "extra_rss_mb": peak_rss_mb() - base_rss})
+        return
+    sec = time.perf_counter() - t
+    queue.put({"model": model_name, "method": method, "seconds": sec, "forward_ms": fwd * 1e3, "x_forward": sec / fwd,
+               "groups": len(groups), "candidates": candidates, "peak_rss_mb": peak_rss_mb(),
+               "extra_rss_mb": peak_rss_mb() - base_rss})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--methods", nargs="+", default=["path-metric", "first-order", "per-candidate", "magnitude"])
+    p.add_argument("--json", help="also write the rows to this file")
+    args = p.parse_args()
+    ctx = mp.get_context("spawn")
+    rows = []
+    for m in args.models:
+        for method in args.methods:
+            q = ctx.Queue()
+            proc = ctx.Process(target=_measure, args=(m, args.size, method, q))
+            proc.start()
+            row = q.get()
+            proc.join()
+            rows.append(row)
+            print(f"{m:10s} {method:14s} {row['seconds']:9.2f} s  {row['x_forward']:9.1f} x forward  "
+                  f"peak RSS {row['peak_rss_mb']:7.0f} MB (+{row['extra_rss_mb']:.0f})  "
+                  f"[{row['groups']} groups, {row['candidates']} candidates, forward {row['forward_ms']:.1f} ms]",
+                  flush=True)
+    for m in args.models:
+        by = {r["method"]: r for r in rows if r["model"] == m}
+        if "path-metric" in by and "per-candidate" in by:
+            print(f"{m}: exact group scores are {by['per-candidate']['seconds'] / by['path-metric']['seconds']:.1f}x "
+                  "faster than one path-norm per candidate")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The project installs and runs from its own files: README commands = CI, wheel contents, imports
+without the optional frameworks, and the command line."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMEWORKS = ("torch_pruning", "nncf", "neural_compressor", "torchao", "matplotlib", "tqdm")
+
+
+def _readme_commands():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Fresh setup", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, re.S)
+
+
+def test_ci_runs_exactly_the_two_readme_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    for command in commands:
+        assert command.strip() in ci, f"{command!r} is not a line of .ci/run"
+
+
+def test_wheel_makes_core_and_adapters_importable(tmp_path):
+    """A plain (non-editable) install carries the core, the adapters and the recipes."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True)
+    code = ("import pathsaliency, pathsaliency.integrations, pathsaliency.recipes.unstructured, "
+            "pathsaliency.models.cifar_resnet as c; import importlib.resources as r; "
+            "print(pathsaliency.__file__); print(pathsaliency.integrations.__file__); "
+            "print((r.files('pathsaliency') / 'assets' / 'cifar10-sample.zip').is_file())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(target)}, check=True).stdout.split()
+    assert all(p.startswith(str(target)) for p in out[:2]), out
+    assert out[2] == "True"
+    names = {p.name for p in (target / "pathsaliency" / "integrations").iterdir()}
+    assert {"torch_pruning.py", "nncf.py", "neural_compressor.py"} <= names
+
+
+BLOCK = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in {names!r}:
+            raise ImportError('hidden for the test: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_core_imports_and_computes_with_every_framework_hidden(tmp_path):
+    code = BLOCK.format(names=FRAMEWORKS) + (
+        "import torch, pathsaliency as ps\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
+        "print(ps.path_norm(m, (3,)).value > 0)\n"
+        "for mod in ('nncf', 'neural_compressor', 'torch_pruning'):\n"
+        "    try:\n"
+        "        __import__('pathsaliency.integrations.' + mod)\n"
+        "        print('imported', mod)\n"
+        "    except ImportError as e:\n"
+        "        print('refused', mod, 'pip install' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "True"
+    assert lines[1:] == ["refused nncf True", "refused neural_compressor True", "refused torch_pruning True"]
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pathsaliency.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_norm_on_the_packaged_cifar_resnet(tmp_path):
+    out = _cli("norm", "cifar:resnet20", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert '"log10_path_norm": 21.9' in out.stdout
+
+
+def test_cli_refuses_unsupported_models_with_the_node_named(tmp_path):
+    out = _cli("norm", "torchvision:mobilenet_v2", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "ReLU6 module 'features.0.2'" in out.stderr
+
+
+def test_cli_user_factory_and_checkpoint_and_pickle_refusal(tmp_path):
+    (tmp_path / "mynet.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import mynet
+        model = mynet.build()
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "w.pt")
+    out = _cli("norm", "mynet:build", "--checkpoint", "w.pt", "--input-shape", "3,8,8", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    import pathsaliency as ps
+
+    assert f"{ps.path_norm(model, (3, 8, 8)).log10:.6f}" in out.stdout
+    torch.save(model, tmp_path / "whole.pt")  # a pickled module: code, not weights
+    out = _cli("norm", "mynet:build", "--checkpoint", "whole.pt", "--input-shape", "3,8,8", cwd=tmp_path)
+    assert out.returncode == 2 and "--trust-checkpoint" in out.stderr
+    out = _cli("norm", "mynet:build", "--checkpoint", "whole.pt", "--input-shape", "3,8,8", "--trust-checkpoint",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
