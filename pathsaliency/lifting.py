@@ -127,7 +127,9 @@ def check_same_architecture(model, lifted: Lifted, other, output=None):
         for name in params.step_tensor_names(step):
             a, b = mine_t.get(name), theirs_t.get(name)
             if (a is None) != (b is None):
-                raise ArchitectureMismatchError(f"'{name}' exists in only one of the two parameter vectors")
+                hint = (" (a state dict must hold the buffers too, e.g. batch-norm running statistics: "
+                        "{**model.state_dict(), **changed})") if b is None and not isinstance(other, nn.Module) else ""
+                raise ArchitectureMismatchError(f"'{name}' exists in only one of the two parameter vectors{hint}")
             if a is not None and tuple(a.shape) != tuple(b.shape):
                 raise ArchitectureMismatchError(f"'{name}' has shape {tuple(a.shape)} in the first model and "
                                                 f"{tuple(b.shape)} in the second")

@@ -233,7 +233,7 @@ def coupled_pass(plan, big, small, input_shape, *, dtype, device):
             else:
                 action = plan.actions[n]
                 s_env[n] = apply_fixed(action, _resolve(n.args, s_env), _resolve(n.kwargs, s_env), 1)
-                d_env[n] = _fixed_partial(action, n, d_env, s_env, 1)
+                d_env[n] = _fixed_partial(action, n, d_env, s_env, 1, plan.static)
         except PathSaliencyError:
             raise
         except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError) as exc:
@@ -252,31 +252,22 @@ def _batched(v, full, num):
     return full
 
 
-def _fixed_partial(action, n, part_env, full_env, num):
+def _fixed_partial(action, n, part_env, full_env, num, static):
     """A fixed operator on a partial stream (``d``) in which ``None`` stands for zero: linear, no bias."""
-    inputs = [a for a in n.all_input_nodes if a in part_env]
-    vals = [part_env[a] for a in inputs if not _is_static_value(part_env[a])]
-    if all(v is None for v in vals):
+    if all(part_env[a] is None for a in n.all_input_nodes if a not in static):
         return None
+
+    def zero(f):  # zero with the shape of the full value, as a broadcast view (no memory)
+        if isinstance(f, tuple):
+            return tuple(zero(x) for x in f)
+        e = torch.full((num,), -1e4, dtype=f.e.dtype, device=f.e.device)  # below any real exponent
+        return Scaled(f.t.new_zeros(()).expand(num, *f.t.shape[1:]), e)
 
     def sub(a):
         v = part_env[a]
-        if v is None:  # zero with the shape of the full value, as a broadcast view (no memory)
-            f = full_env[a]
-            if isinstance(f, tuple):
-                return None
-            return Scaled(f.t.new_zeros(()).expand(num, *f.t.shape[1:]), torch.full((num,), -1e4, dtype=f.e.dtype, device=f.e.device))
-        return v
+        return zero(full_env[a]) if v is None else v
 
-    if isinstance(action, ops.Same) and action.fn is operator.getitem:
-        base = part_env[n.args[0]]
-        if isinstance(base, tuple) or (base is None and isinstance(full_env[n.args[0]], tuple)):
-            return None if base is None else base[n.args[1]]
     return apply_fixed(action, fx.node.map_arg(n.args, sub), fx.node.map_arg(n.kwargs, sub), 1, bias=False)
-
-
-def _is_static_value(v):
-    return not (v is None or isinstance(v, (Scaled, tuple)))
 
 
 def removal_pass(plan, weights, cache, masks, in_masks, num, input_shape, *, dtype, device, grads=None):
@@ -308,7 +299,7 @@ def removal_pass(plan, weights, cache, masks, in_masks, num, input_shape, *, dty
                 d = _inject(d, cache[step.input], in_masks[n], step.channel_dim, num)
             d = None if d is None else renorm(Scaled(step.linear(d.t, weights[n].w), d.e))
         else:
-            d = _fixed_partial(plan.actions[n], n, env, cache, num)
+            d = _fixed_partial(plan.actions[n], n, env, cache, num, plan.static)
         if n in masks:
             d = _inject(d, cache[n], masks[n], plan.affine[n].channel_dim if n in plan.affine else 1, num)
         env[n] = d

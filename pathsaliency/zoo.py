@@ -27,6 +27,8 @@ def default_input_shape(spec: str):
 def load_checkpoint(path, trust: bool = False):
     """A state dict from ``path`` (bare, or under ``state_dict`` / ``model``; ``module.`` stripped), or
     a whole pickled module when ``trust`` is True."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as exc:  # noqa: BLE001 - the unpickler raises many kinds
