@@ -133,6 +133,31 @@ def cmd_report(args):
     print(report.to_json() if args.json else report.to_markdown())
 
 
+def cmd_prune(args):
+    from .pruning import prune_unstructured
+
+    model = load_model(args.model, args.checkpoint, args.trust_checkpoint, args.pretrained)
+    shape = _input_shape(args, args.model)
+    pruned, masks = prune_unstructured(model, args.amount, shape, criterion=args.criterion, scope=args.scope)
+    torch.save(pruned.state_dict(), args.save)
+    d = path_metric(model, pruned, shape)
+    record = {"model": args.model, "criterion": args.criterion, "scope": args.scope, "amount": args.amount,
+              "saved": args.save, "log10_distance": d.log10, "relative_distance": d.relative, "exact": d.exact}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"pruned {args.amount:.0%} of the weights of {args.model} by {args.criterion} ({args.scope}); saved to "
+              f"{args.save}; certified D = {d.value:.6g} (D / ||Phi|| = {d.relative:.3g}, exact)")
+
+
+def cmd_demo(args):
+    try:
+        from .recipes.demo import run_demo
+    except ImportError as exc:
+        raise SystemExit(f"pathsaliency demo needs the recipes extra ({exc}): pip install 'pathsaliency[recipes]'")
+    run_demo(args.out, args.limit, progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathsaliency", description=__doc__.strip())
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, help="use at most this many batches of 250 samples")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("prune", help="unstructured pruning by path-magnitude (or magnitude); saves the pruned weights")
+    _add_model(p)
+    _add_common(p)
+    p.add_argument("--amount", type=float, required=True, help="fraction of conv/linear weights to remove")
+    p.add_argument("--criterion", choices=["path-magnitude", "magnitude"], default="path-magnitude")
+    p.add_argument("--scope", choices=["global", "local"], default="global")
+    p.add_argument("--save", required=True, help="where to write the pruned state dict")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("demo", help="the main job: prune the packaged CIFAR-10 ResNet-20, certify, attack, report")
+    p.add_argument("--out", default="out/demo", help="folder for the tables, plot and report")
+    p.add_argument("--limit", type=int, help="use only the first N of the 1,000 packaged images")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

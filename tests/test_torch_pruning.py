@@ -1,0 +1,605 @@
+"""torch-pruning integration: ``PathMetricImportance`` scores a group by the path-metric its removal costs.
+
+The identities checked here:
+
+* score * ||Phi(theta)||_1 == ||Phi(theta)||_1 - ||Phi(theta pruned)||_1 for every group of the dependency
+  graph and (a sample of) its channels, where "pruned" is torch-pruning's own physical pruning of that one
+  channel (grouped convolutions: the channel's copies in every convolution group, as MetaPruner prunes),
+  on ResNet-18, VGG-11-BN, DenseNet-, U-Net- and ResNeXt-style models (float64);
+* score == path_metric(model, copy with the channel zeroed).relative;
+* the scores, and the channels MetaPruner picks, do not change under a function-preserving rescaling
+  (torch-pruning's magnitude importance does change its picks);
+* MetaPruner with this importance prunes torchvision ResNet-18/50, VGG-16-BN, DenseNet-121 and a U-Net
+  (local, global, isomorphic, iterative, round_to) into models that still run;
+* global pruning ranks raw scores of all groups together (no normaliser), ignored layers are kept.
+"""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+tp = pytest.importorskip("torch_pruning")
+torchvision = pytest.importorskip("torchvision")
+
+from pathsaliency import path_metric, path_norm, random_rescale  # noqa: E402
+from pathsaliency.integrations.torch_pruning import (  # noqa: E402
+    PathMetricImportance,
+    channel_groups,
+    group_removals,
+    input_shape_from_graph,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batch-1 passes of small models: one thread is as fast, and far faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cbr(i, o, k=3, s=1, g=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, i, growth):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(i)
+        self.conv = nn.Conv2d(i, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv(F.relu(self.norm(x)))], 1)
+
+
+class TinyDenseNet(nn.Module):
+    """DenseNet-style: every layer's output is concatenated and re-read by the batch-norms of all later
+    layers (one channel = neurons at several depths)."""
+
+    def __init__(self, growth=4, classes=5):
+        super().__init__()
+        self.stem = _cbr(3, 8)
+        c, layers = 8, []
+        for _ in range(3):
+            layers.append(_DenseLayer(c, growth))
+            c += growth
+        self.block1 = nn.Sequential(*layers)
+        self.trans = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 8, 1, bias=False), nn.AvgPool2d(2))
+        c, layers = 8, []
+        for _ in range(2):
+            layers.append(_DenseLayer(c, growth))
+            c += growth
+        self.block2 = nn.Sequential(*layers)
+        self.norm = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.block2(self.trans(self.block1(self.stem(x))))
+        x = F.adaptive_avg_pool2d(F.relu(self.norm(x)), 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+class TinyUNet(nn.Module):
+    """U-Net-style: encoder convs + max-pooling; decoder with nearest upsampling and a transposed conv,
+    each followed by a concatenated skip."""
+
+    def __init__(self, c=8, out=2):
+        super().__init__()
+        self.enc1 = nn.Sequential(_cbr(3, c), _cbr(c, c))
+        self.enc2 = _cbr(c, 2 * c)
+        self.bott = _cbr(2 * c, 4 * c)
+        self.up2 = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec2 = _cbr(4 * c + 2 * c, 2 * c)
+        self.up1 = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.dec1 = _cbr(2 * c, c)
+        self.head = nn.Conv2d(c, out, 1)
+
+    def forward(self, x):
+        s1 = self.enc1(x)
+        s2 = self.enc2(F.max_pool2d(s1, 2))
+        b = self.bott(F.max_pool2d(s2, 2))
+        d2 = self.dec2(torch.cat([self.up2(b), s2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), s1], 1))
+        return self.head(d1)
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, i, width, o, groups, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(i, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, o, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(o)
+        self.down = None
+        if stride != 1 or i != o:
+            self.down = nn.Sequential(nn.Conv2d(i, o, 1, stride, bias=False), nn.BatchNorm2d(o))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+class TinyResNeXt(nn.Module):
+    """ResNeXt-style: grouped 3x3 convs in residual bottlenecks, a depthwise conv, and a flatten of a 2x2
+    map before the classifier (one channel = four input features of the linear layer)."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
+                                nn.ReLU())
+        self.block1 = _Bottleneck(16, 16, 16, groups=4)
+        self.block2 = _Bottleneck(16, 32, 32, groups=8, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(32 * 4, classes)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.dw(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _vgg11_bn():
+    """torchvision VGG-11-BN with a narrow classifier (same flatten of the 7x7 map into the first linear
+    layer, 49 features per channel, without 120M float64 parameters)."""
+    m = torchvision.models.vgg11_bn(weights=None, num_classes=10)
+    m.classifier = nn.Sequential(nn.Linear(512 * 49, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 10))
+    return m
+
+
+def _randomized(model, seed=0, dtype=F64):
+    """Random batch-norm running statistics and affine parameters (and conv biases), in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.randn(n, generator=g) * 0.5 + 1.0)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            elif isinstance(m, nn.modules.conv._ConvNd) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.to(dtype).eval()
+
+
+def _seeded(builder, seed=0):
+    torch.manual_seed(seed)
+    return builder()
+
+
+# name -> (builder, input shape, random candidates per group besides the first and the last)
+EXACT_MODELS = {
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (3, 16, 16), 1),
+    "vgg11_bn": (_vgg11_bn, (3, 32, 32), 1),
+    "densenet": (TinyDenseNet, (3, 8, 8), 8),
+    "unet": (TinyUNet, (3, 8, 8), 8),
+    "resnext": (TinyResNeXt, (3, 8, 8), 8),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _graph(model, shape, dtype=F64):
+    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *shape, dtype=dtype))
+
+
+def _root_name(group):
+    return group._DG._module2name[group[0].dep.target.module]
+
+
+def _candidates(group, scores, n_random, rng):
+    """Candidate channels ``j`` of a group, with the root indices each one removes (for grouped convs,
+    MetaPruner removes ``j, j + n/k, ...`` together)."""
+    k = channel_groups(group)
+    size = len(scores) // k
+    picks = {0, size - 1} | set(rng.sample(range(size), min(n_random, size)))
+    return [(j, [j + t * size for t in range(k)]) for j in sorted(picks)]
+
+
+def _physically_pruned(model, shape, root_name, handler, idxs):
+    """A deep copy of ``model`` with ``idxs`` of the group rooted at ``root_name`` removed by
+    torch-pruning on the copy's own dependency graph."""
+    pruned = copy.deepcopy(model)
+    DG = _graph(pruned, shape, next(pruned.parameters()).dtype)
+    root = dict(pruned.named_modules())[root_name]
+    group = DG.get_pruning_group(root, handler, idxs)
+    assert DG.check_pruning_group(group)
+    group.prune()
+    return pruned
+
+
+def _zeroed(model, removals, candidate):
+    """A copy of ``model`` (same architecture) whose parameters of ``candidate``'s channels are zero."""
+    out = copy.deepcopy(model)
+    mods = dict(out.named_modules())
+    with torch.no_grad():
+        for r in removals:
+            m = mods[r.module]
+            for c in r.index[r.candidate == candidate].tolist():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.weight[c] = 0
+                    m.bias[c] = 0
+                elif isinstance(m, nn.Linear):
+                    if r.side == "out":
+                        m.weight[c] = 0
+                        if m.bias is not None:
+                            m.bias[c] = 0
+                    else:
+                        m.weight[:, c] = 0
+                elif isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight (in, out / groups, *k)
+                    assert m.groups == 1
+                    if r.side == "out":
+                        m.weight[:, c] = 0
+                        if m.bias is not None:
+                            m.bias[c] = 0
+                    else:
+                        m.weight[c] = 0
+                else:  # conv: weight (out, in / groups, *k)
+                    if r.side == "out":
+                        m.weight[c] = 0
+                        if m.bias is not None:
+                            m.bias[c] = 0
+                    else:
+                        per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
+                        g = c // per_in
+                        m.weight[g * per_out:(g + 1) * per_out, c % per_in] = 0
+    return out
+
+
+def _assert_score_is_loss(score, n0, lost, where):
+    # lost = n0 - n1 carries the rounding of n0 (cancellation): allow a few ulps of n0 on top of 1e-9.
+    tol = 1e-9 * abs(lost) + 32 * torch.finfo(F64).eps * n0
+    assert abs(score * n0 - lost) <= tol, (f"{where}: score * ||Phi|| = {score * n0!r}, "
+                                           f"||Phi|| - ||Phi(pruned)|| = {lost!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exactness
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(EXACT_MODELS))
+def test_score_times_path_norm_equals_path_norm_lost_by_physical_pruning(name):
+    builder, shape, n_random = EXACT_MODELS[name]
+    model = _randomized(_seeded(builder))
+    DG = _graph(model, shape)
+    imp = PathMetricImportance(dtype=F64)  # input shape read from the graph
+    n0 = float(path_norm(model, shape, dtype=F64))
+    rng = random.Random(0)
+    checked = 0
+    for group in DG.get_all_groups():
+        scores = imp(group)
+        assert scores.dtype == F64 and scores.shape == (len(group[0].idxs),)
+        assert bool((scores >= 0).all())
+        for j, idxs in _candidates(group, scores, n_random, rng):
+            # every root index that MetaPruner removes together carries the score of the joint removal
+            assert all(float(scores[i]) == float(scores[j]) for i in idxs)
+            pruned = _physically_pruned(model, shape, _root_name(group), group[0].dep.handler, idxs)
+            lost = n0 - float(path_norm(pruned, shape, dtype=F64))
+            _assert_score_is_loss(float(scores[j]), n0, lost, f"{name}: group {_root_name(group)}, channel {j}")
+            checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("name", ["densenet", "unet", "resnext"])
+def test_score_is_the_relative_path_metric_to_the_copy_with_the_channel_zeroed(name):
+    builder, shape, _ = EXACT_MODELS[name]
+    model = _randomized(_seeded(builder, seed=1), seed=1)
+    DG = _graph(model, shape)
+    imp = PathMetricImportance(input_shape=shape, dtype=F64)
+    rng = random.Random(1)
+    for group in DG.get_all_groups():
+        if channel_groups(group) > 1:
+            continue  # candidates of grouped convs are covered by the physical-pruning test
+        scores = imp(group)
+        removals = group_removals(group)
+        for j in sorted({0, len(scores) - 1, rng.randrange(len(scores))}):
+            d = path_metric(model, _zeroed(model, removals, j), shape, dtype=F64)
+            assert d.exact
+            assert d.relative == pytest.approx(float(scores[j]), rel=1e-9, abs=1e-15)
+
+
+def test_first_order_scores_equal_exact_on_antichains_and_overcount_on_residual_streams():
+    model = _randomized(_seeded(EXACT_MODELS["resnext"][0]))
+    shape = (3, 8, 8)
+    DG = _graph(model, shape)
+    exact, first = PathMetricImportance(dtype=F64), PathMetricImportance(dtype=F64, exact=False)
+    overcounted = 0
+    for group in DG.get_all_groups():
+        a, b = exact(group), first(group)
+        assert bool((b >= a * (1 - 1e-12)).all())  # first order never under-counts
+        modules = {r.module for r in group_removals(group) if r.side == "out"}
+        if len(modules) <= 2:  # one conv (+ its batch-norm): an antichain
+            assert torch.allclose(a, b, rtol=1e-12, atol=0)
+        elif bool((b > a * (1 + 1e-6)).any()):
+            overcounted += 1
+    assert overcounted >= 1  # the residual streams
+
+
+def test_importance_reads_the_model_without_modifying_it(assert_untouched):
+    model = _randomized(_seeded(TinyResNeXt))
+    DG = _graph(model, (3, 8, 8))
+    imp = PathMetricImportance()
+    groups = list(DG.get_all_groups())
+    with assert_untouched(model):
+        for group in groups:
+            imp(group)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Iterative pruning: the model changes shape, the scores follow
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_iterative_pruning_rescores_the_reshaped_model_exactly():
+    shape = (3, 8, 8)
+    model = _randomized(_seeded(TinyResNeXt))
+    imp = PathMetricImportance(dtype=F64)
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, *shape, dtype=F64), importance=imp, pruning_ratio=0.5,
+                                  iterative_steps=2, ignored_layers=[model.fc])
+    widths = []
+    for step in range(2):
+        pruner.step()
+        widths.append(sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)))
+        with torch.no_grad():
+            assert model(torch.randn(2, *shape, dtype=F64)).shape == (2, 5)
+        n0 = float(path_norm(model, shape, dtype=F64))
+        fresh = copy.deepcopy(model)  # a new object: nothing cached for it
+        fresh_DG = _graph(fresh, shape)
+        fresh_groups = {_root_name(g): g for g in fresh_DG.get_all_groups()}
+        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers):
+            scores = imp(group)  # the pruner's own graph after pruning, cached importance object
+            torch.testing.assert_close(scores, PathMetricImportance(dtype=F64)(fresh_groups[_root_name(group)]),
+                                       rtol=1e-12, atol=0)
+            for j, idxs in _candidates(group, scores, 0, random.Random(step)):
+                pruned = _physically_pruned(model, shape, _root_name(group), group[0].dep.handler, idxs)
+                lost = n0 - float(path_norm(pruned, shape, dtype=F64))
+                _assert_score_is_loss(float(scores[j]), n0, lost, f"step {step}: {_root_name(group)}[{j}]")
+    assert widths[0] > widths[1]
+
+
+def test_scores_follow_in_place_weight_changes():
+    shape = (3, 8, 8)
+    model = _randomized(_seeded(TinyUNet))
+    DG = _graph(model, shape)
+    imp = PathMetricImportance(dtype=F64)
+    group = DG.get_pruning_group(model.enc2[0], tp.prune_conv_out_channels, list(range(16)))
+    before = imp(group)
+    with torch.no_grad():
+        model.enc2[1].weight[3] *= 10.0  # channel 3 now carries more of the path-norm
+    after = imp(group)
+    fresh_model = copy.deepcopy(model)
+    fresh = PathMetricImportance(dtype=F64)(
+        _graph(fresh_model, shape).get_pruning_group(fresh_model.enc2[0], tp.prune_conv_out_channels,
+                                                     list(range(16))))
+    assert torch.equal(after, fresh)
+    assert float(after[3]) > float(before[3])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rescaling invariance
+# ----------------------------------------------------------------------------------------------------
+
+
+def _history(model, shape, importance, **kw):
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, *shape), importance=importance, pruning_ratio=0.5,
+                                  ignored_layers=[model.fc], **kw)
+    pruner.step()
+    return [(name, out, sorted(int(i) for i in idxs)) for name, out, idxs in pruner.pruning_history()]
+
+
+@pytest.fixture(scope="module")
+def rescaled_pair():
+    """A ResNet-18 and a copy computing the same function with other weights: every rescalable hidden
+    channel multiplied by 1, 128 or 4096 (powers of two: exact in floating point)."""
+    model = _randomized(_seeded(lambda: torchvision.models.resnet18(weights=None, num_classes=10)),
+                        dtype=torch.float32)
+    rescaled = random_rescale(model, factors=(1, 128, 4096), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rescaled(x), model(x), rtol=1e-4, atol=1e-5)
+    changed = sum(not torch.equal(a, b) for a, b in zip(model.parameters(), rescaled.parameters()))
+    assert changed >= 10
+    return model, rescaled
+
+
+def test_scores_of_every_group_are_invariant_under_rescaling(rescaled_pair):
+    model, rescaled = rescaled_pair
+    shape = (3, 32, 32)
+    imp = PathMetricImportance()  # float32 passes: the power-of-two rescaling is exact in any precision
+    groups_a = {_root_name(g): g for g in _graph(model, shape, torch.float32).get_all_groups()}
+    groups_b = {_root_name(g): g for g in _graph(rescaled, shape, torch.float32).get_all_groups()}
+    assert groups_a.keys() == groups_b.keys()
+    for name in groups_a:
+        torch.testing.assert_close(imp(groups_b[name]), imp(groups_a[name]), rtol=1e-12, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_metapruner_picks_are_invariant_under_rescaling_while_magnitude_picks_change(rescaled_pair,
+                                                                                      global_pruning):
+    model, rescaled = rescaled_pair
+    shape = (3, 32, 32)
+    kw = dict(global_pruning=global_pruning, round_to=8)
+    ours = _history(copy.deepcopy(model), shape, PathMetricImportance(), **kw)
+    assert ours == _history(copy.deepcopy(rescaled), shape, PathMetricImportance(), **kw)
+    magnitude = _history(copy.deepcopy(model), shape, tp.importance.MagnitudeImportance(p=2), **kw)
+    assert magnitude != _history(copy.deepcopy(rescaled), shape, tp.importance.MagnitudeImportance(p=2), **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MetaPruner on torchvision models and a U-Net
+# ----------------------------------------------------------------------------------------------------
+
+PRUNER_CASES = {
+    # id: (builder, input shape, MetaPruner options)
+    "resnet18-local-iterative": ("resnet18", 64, dict(iterative_steps=3)),
+    "resnet18-global-isomorphic-iterative": ("resnet18", 64, dict(global_pruning=True, isomorphic=True,
+                                                                  iterative_steps=3)),
+    "resnet50-global-iterative": ("resnet50", 32, dict(global_pruning=True, iterative_steps=3)),
+    "vgg16_bn-local-iterative": ("vgg16_bn", 32, dict(iterative_steps=3)),
+    "densenet121-global": ("densenet121", 32, dict(global_pruning=True)),
+    "unet-local-iterative": ("unet", 64, dict(iterative_steps=3)),
+    "unet-global-iterative": ("unet", 64, dict(global_pruning=True, iterative_steps=3)),
+}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    if name == "unet":
+        model = TinyUNet(c=16)
+        return model, [model.head]
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return model, [classifier]
+
+
+@pytest.mark.parametrize("case", list(PRUNER_CASES))
+def test_metapruner_prunes_to_half_the_channels_and_the_model_still_runs(case):
+    name, size, options = PRUNER_CASES[case]
+    model, ignored = _build(name)
+    model.eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        out_shape = model(x).shape
+    convs = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    pruner = tp.pruner.MetaPruner(model, x, importance=PathMetricImportance(), pruning_ratio=0.5, round_to=8,
+                                  ignored_layers=ignored, **options)
+    for _ in range(options.get("iterative_steps", 1)):
+        pruner.step()
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == out_shape and bool(torch.isfinite(y).all())
+    after = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    changed = [n for n in convs if after[n] != convs[n]]
+    assert changed, "nothing was pruned"
+    assert all(after[n] % 8 == 0 for n in changed), "round_to=8 not honoured"
+    assert 0.35 <= sum(after.values()) / sum(convs.values()) <= 0.65
+    for m in ignored:  # the output layer keeps its outputs
+        assert (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features) == out_shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Global pruning and ignored layers
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_global_pruning_ranks_raw_scores_of_all_groups_together():
+    """With global pruning (and no normaliser) MetaPruner removes exactly the channels whose raw relative
+    path-metric is below one threshold across all groups; their summed score is far below that of a
+    random choice of as many channels, and the pruned network keeps more of its path-norm than one
+    pruned globally at random."""
+    shape = (3, 32, 32)
+    model, ignored = _build("resnet18")
+    model = _randomized(model, dtype=torch.float32)
+    x = torch.randn(1, *shape)
+    n0 = float(path_norm(model, shape))
+
+    ours = copy.deepcopy(model)
+    pruner = tp.pruner.MetaPruner(ours, x, importance=PathMetricImportance(), pruning_ratio=0.5,
+                                  global_pruning=True, ignored_layers=[ours.fc])
+    imp = PathMetricImportance()
+    scores = {}
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        scores[_root_name(group)] = imp(group)
+    removed = {}
+    for group in pruner.step(interactive=True):
+        removed[_root_name(group)] = sorted(set(int(i) for i in group[0].root_idxs))
+        group.prune()
+    assert len(removed) >= 5
+    flags = torch.cat([torch.isin(torch.arange(len(s)), torch.tensor(removed.get(n, []), dtype=torch.long))
+                       for n, s in scores.items()])
+    flat = torch.cat(list(scores.values()))
+    assert float(flat[flags].max()) <= float(flat[~flags].min())  # one threshold over every group
+    k = int(flags.sum())
+    g = torch.Generator().manual_seed(0)
+    random_sums = [float(flat[torch.randperm(len(flat), generator=g)[:k]].sum()) for _ in range(20)]
+    assert float(flat[flags].sum()) < 0.5 * min(random_sums)
+
+    rand = copy.deepcopy(model)
+    tp.pruner.MetaPruner(rand, x, importance=tp.importance.RandomImportance(), pruning_ratio=0.5,
+                         global_pruning=True, ignored_layers=[rand.fc]).step()
+    kept_ours = float(path_norm(ours, shape)) / n0
+    kept_random = float(path_norm(rand, shape)) / n0
+    assert kept_ours > kept_random
+
+
+def test_ignored_layers_are_neither_scored_nor_pruned():
+    shape = (3, 32, 32)
+    model, _ = _build("resnet18")
+    ignored = [model.fc, model.layer4, model.layer2[0].conv1]
+    keep = {n: m.out_channels for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and (n.startswith("layer4") or n == "layer2.0.conv1")}
+    seen = []
+
+    class Recording(PathMetricImportance):
+        def __call__(self, group):
+            seen.append(_root_name(group))
+            return super().__call__(group)
+
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, *shape), importance=Recording(), pruning_ratio=0.5,
+                                  ignored_layers=ignored)
+    pruner.step()
+    ignored_names = {n for n, m in model.named_modules() if any(m in list(i.modules()) for i in ignored)}
+    assert seen and not set(seen) & ignored_names
+    modules = dict(model.named_modules())
+    for n, width in keep.items():  # (the input channels of layer4.0 follow the pruned layer3 stream)
+        assert modules[n].out_channels == width, n
+    assert model.layer3[0].conv1.out_channels < 256  # the rest is pruned
+    assert model.fc.out_features == 10
+    assert model.layer2[0].conv1.out_channels == 128 and model.layer2[0].bn1.num_features == 128
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input shape
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_input_shape_is_read_from_the_dependency_graph():
+    model = _randomized(_seeded(TinyResNeXt))
+    DG = _graph(model, (3, 8, 8))
+    assert input_shape_from_graph(DG) == (3, 8, 8)
+    group = next(iter(DG.get_all_groups()))
+    assert torch.equal(PathMetricImportance(dtype=F64)(group),
+                       PathMetricImportance(input_shape=(3, 8, 8), dtype=F64)(group))
+    assert torch.equal(PathMetricImportance(dtype=F64)(group),
+                       PathMetricImportance(input_shape=(1, 3, 8, 8), dtype=F64)(group))
+
+
+def test_a_model_that_does_not_feed_its_input_to_a_layer_asks_for_input_shape():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x * 0.5))
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+    model = Scaled().eval()
+    DG = _graph(model, (3, 8, 8), torch.float32)
+    group = DG.get_pruning_group(model.conv, tp.prune_conv_out_channels, list(range(8)))
+    with pytest.raises(ValueError, match="input_shape="):
+        PathMetricImportance()(group)
+    assert PathMetricImportance(input_shape=(3, 8, 8))(group).shape == (8,)
