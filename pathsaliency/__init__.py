@@ -5,7 +5,7 @@ For a ReLU network (convolutions, skips, pooling, frozen batch-norm) and two par
 path-metric, computed here with a few forward passes of the network with absolute weights.
 """
 from .errors import ArchitectureMismatchError, PathSaliencyError, UnsupportedModelError
-from .metric import PathMetric, lipschitz_bound, path_metric
+from .metric import PathMetric, layer_distances, lipschitz_bound, path_metric
 from .norm import PathValue, path_norm
 from .pruning import prune_unstructured
 from .rescale import random_rescale
@@ -13,7 +13,7 @@ from .report import RobustnessReport, robustness_report
 from .saliency import Removal, Scores, channel_saliency, path_magnitude
 
 __all__ = [
-    "path_norm", "path_metric", "lipschitz_bound", "PathValue", "PathMetric",
+    "path_norm", "path_metric", "layer_distances", "lipschitz_bound", "PathValue", "PathMetric",
     "random_rescale", "path_magnitude", "prune_unstructured", "channel_saliency", "Removal", "Scores",
     "PathSaliencyError", "UnsupportedModelError", "ArchitectureMismatchError",
     "robustness_report", "RobustnessReport",

@@ -35,6 +35,12 @@ from .errors import UnsupportedModelError
 
 
 class _Tracer(fx.Tracer):
+    """``torch.fx`` tracing that treats torchvision's frozen batch-norm as a leaf and calls the
+    ``forward`` of the other modules directly, so that no user hook (per-module or global) ever runs."""
+
+    def call_module(self, m, forward, args, kwargs):
+        return super().call_module(m, m.forward, args, kwargs)
+
     def is_leaf_module(self, m, qualname):
         if ops.FrozenBatchNorm2d is not None and isinstance(m, ops.FrozenBatchNorm2d):
             return True

@@ -134,8 +134,12 @@ def eval_static(node, env, root):
 
 
 def _node_error(node, plan, exc, input_shape):
+    what = ops.describe(node, plan.root)
+    step = plan.affine.get(node)
+    if step is not None and step.module and step.bn:
+        what += f", folded into the {type(step.conv).__name__} '{step.module}' before it"
     return PathSaliencyError(
-        f"node '{node.name}' ({ops.describe(node, plan.root)}) failed on an input of shape "
+        f"node '{node.name}' ({what}) failed on an input of shape "
         f"{tuple(input_shape)}: {type(exc).__name__}: {exc}")
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .errors import PathSaliencyError
 from .lifting import lift
-from .metric import path_metric
+from .metric import layer_distances, path_metric
 from .params import named_tensors, step_tensor_names
 
 __all__ = ["robustness_report", "RobustnessReport", "LayerDistance", "CertificateViolation"]
@@ -604,6 +604,7 @@ def _per_layer(ref: nn.Module, weights_only: nn.Module, metric, input_shape, out
     """Certified distance of each changed layer alone (the rest at the reference's values)."""
     plan = lift(ref, output).plan
     ref_t, new_t = named_tensors(ref), named_tensors(weights_only)
+    distances = layer_distances(ref, weights_only, input_shape, output=output)
     layers, unchanged, seen = [], [], set()
     log10_norm = metric.norm.log10
     for step in plan.steps:
@@ -624,9 +625,7 @@ def _per_layer(ref: nn.Module, weights_only: nn.Module, metric, input_shape, out
         if not changed_names:
             unchanged.append(step.name)
             continue
-        state = dict(ref_t)
-        state.update({n: new_t[n] for n in changed_names})
-        d = path_metric(ref, state, input_shape, output=output)
+        d = distances[step.name]
         rel = 0.0 if d.log2 == -math.inf else 10.0 ** (d.log10 - log10_norm)
         layers.append(LayerDistance(name=step.name, tensors=changed_names, changed=changed, numel=numel,
                                     log10_distance=d.log10, distance=d.value, exact=bool(d.exact), relative=rel))

@@ -14,7 +14,6 @@ Multiply by ``.scale`` (``||Phi(theta)||_1`` as a :class:`PathValue`) for the ab
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -26,6 +25,7 @@ from .errors import PathSaliencyError
 from .lifting import compute_dtype, lift
 from .norm import PathValue
 from .passes import Scaled, Weights, norm_pass, removal_pass
+from .profile import profile
 
 
 class Scores(dict):
@@ -124,52 +124,6 @@ class Removal:
     candidate: torch.Tensor
 
 
-class _Profile:
-    """One forward and one backward of the path-norm pass for one model state: the cached activations
-    (for removal passes) and, per affine step, the per-channel ``sum fwd(v) * bwd(v) / ||Phi||``."""
-
-    def __init__(self, lifted, model, shape, dtype):
-        plan = lifted.plan
-        self.weights = lifted.absolute(model, dtype)
-        outs = {}
-        with torch.enable_grad():
-            log2, env = norm_pass(plan, self.weights, shape, dtype=dtype, device=lifted.device, retain=outs)
-            total = env[plan.output].t.sum(dtype=torch.float64)
-            grads = torch.autograd.grad(total, list(outs.values()), allow_unused=True) if outs else []
-        self.log2_norm = float(log2.detach()[0])
-        self.cache = {n: _detach(v) for n, v in env.items()}
-        self.grads = {n: (g if g is not None else torch.zeros_like(t)) for (n, t), g in zip(outs.items(), grads)}
-        self.channel_loss = {}
-        for node, g in self.grads.items():
-            if node not in plan.affine:
-                continue
-            t = outs[node]
-            prod = (t.detach() * g).to(torch.float64)
-            dim = plan.affine[node].channel_dim % prod.dim()
-            self.channel_loss[node] = prod.sum([d for d in range(prod.dim()) if d != dim]) / total.detach()
-
-
-def _detach(v):
-    if isinstance(v, Scaled):
-        return Scaled(v.t.detach(), v.e)
-    if isinstance(v, tuple) and v and isinstance(v[0], Scaled):
-        return tuple(_detach(x) for x in v)
-    return v
-
-
-_PROFILES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _profile(model, lifted, shape, dtype) -> _Profile:
-    key = (id(lifted), shape, dtype, lifted.state_key(model, dtype))
-    hit = _PROFILES.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    prof = _Profile(lifted, model, shape, dtype)
-    _PROFILES[model] = (key, prof)
-    return prof
-
-
 def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: int, *, exact=True, output=None,
                      dtype=torch.float32, memory_budget=512 * 2**20) -> torch.Tensor:
     """Relative path-metric lost by each of ``num_candidates`` structured removals (float64, CPU).
@@ -187,7 +141,7 @@ def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: in
     lifted = lift(model, output)
     plan = lifted.plan
     shape = lifted.sample_shape(input_shape)
-    prof = _profile(model, lifted, shape, dtype)
+    prof = profile(model, lifted, shape, dtype)
     masks, in_masks = {}, {}
     for r in removals:
         step = _step_of(lifted, r.module)

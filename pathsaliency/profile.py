@@ -1,0 +1,61 @@
+"""One forward and one backward of the path-norm pass for one model state, cached.
+
+Saliencies and per-layer distances both read it: the activation ``fwd(v)`` of every node, the
+derivative ``bwd(v)`` of the total output by it (the sum over path suffixes from ``v``), and per affine
+step the per-channel ``sum fwd * bwd`` relative to the norm. The cache key is the model's structure and
+the identity and version of every tensor, so any change to the model computes it again.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+
+from .passes import Scaled, norm_pass
+
+
+class Profile:
+    """One forward and one backward of the path-norm pass for one model state: the cached activations
+    (for removal passes) and, per affine step, the per-channel ``sum fwd(v) * bwd(v) / ||Phi||``."""
+
+    def __init__(self, lifted, model, shape, dtype):
+        plan = lifted.plan
+        self.weights = lifted.absolute(model, dtype)
+        outs = {}
+        with torch.enable_grad():
+            log2, env = norm_pass(plan, self.weights, shape, dtype=dtype, device=lifted.device, retain=outs)
+            total = env[plan.output].t.sum(dtype=torch.float64)
+            grads = torch.autograd.grad(total, list(outs.values()), allow_unused=True) if outs else []
+        self.log2_norm = float(log2.detach()[0])
+        self.cache = {n: _detach(v) for n, v in env.items()}
+        self.grads = {n: (g if g is not None else torch.zeros_like(t)) for (n, t), g in zip(outs.items(), grads)}
+        self.channel_loss = {}
+        for node, g in self.grads.items():
+            if node not in plan.affine:
+                continue
+            t = outs[node]
+            prod = (t.detach() * g).to(torch.float64)
+            dim = plan.affine[node].channel_dim % prod.dim()
+            self.channel_loss[node] = prod.sum([d for d in range(prod.dim()) if d != dim]) / total.detach()
+
+
+def _detach(v):
+    if isinstance(v, Scaled):
+        return Scaled(v.t.detach(), v.e)
+    if isinstance(v, tuple) and v and isinstance(v[0], Scaled):
+        return tuple(_detach(x) for x in v)
+    return v
+
+
+_PROFILES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def profile(model, lifted, shape, dtype) -> Profile:
+    key = (id(lifted), shape, dtype, lifted.state_key(model, dtype))
+    hit = _PROFILES.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    prof = Profile(lifted, model, shape, dtype)
+    _PROFILES[model] = (key, prof)
+    return prof
