@@ -67,12 +67,14 @@ def masks_from_scores(scores: dict, amount: float, scope: str = "global") -> dic
 def apply_masks(model: nn.Module, masks: dict, use_torch_prune: bool = False) -> nn.Module:
     """A pruned deep copy: weights zeroed where the mask is False, or, with ``use_torch_prune``, masks
     attached through ``torch.nn.utils.prune.custom_from_mask`` (``weight_orig`` + ``weight_mask``)."""
+    from torch.nn.utils import prune as torch_prune
+
     pruned = copy.deepcopy(model)
     for name, mask in masks.items():
         mname, _, pname = name.rpartition(".")
         mod = pruned.get_submodule(mname)
         if use_torch_prune:
-            torch.nn.utils.prune.custom_from_mask(mod, pname, mask.to(getattr(mod, pname).device))
+            torch_prune.custom_from_mask(mod, pname, mask.to(getattr(mod, pname).device))
         else:
             with torch.no_grad():
                 getattr(mod, pname).mul_(mask.to(getattr(mod, pname).dtype))
