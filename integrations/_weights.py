@@ -8,6 +8,7 @@ into a copy of the reference.
 from __future__ import annotations
 
 import copy
+from itertools import chain
 from typing import Dict, Iterable, Mapping, Tuple
 
 import torch
@@ -19,17 +20,24 @@ __all__ = ["assemble_weights", "check_buffers", "load_effective_weights"]
 def assemble_weights(
     reference: nn.Module, values: Mapping[str, torch.Tensor], *, source: str
 ) -> Dict[str, torch.Tensor]:
-    """Return ``{name: float32 tensor}`` for every parameter of ``reference``.
+    """The effective state of ``reference``: ``{name: float32 tensor}``.
 
-    ``values`` must provide every parameter name of ``reference`` (as listed by
-    ``reference.named_parameters()``) with the reference's shape; extra entries
-    are ignored.  Results are detached float32 clones on the reference's device,
-    so the returned dict never aliases the quantized model's storage.
+    Keys are every parameter name of ``reference`` (tied parameters under each
+    of their names) and its floating-point buffers (batch-norm running
+    statistics), i.e. what ``pathsaliency.path_metric`` reads from a state dict.
+    Parameter values come from ``values`` (keyed by any of a tied parameter's
+    names; extra entries are ignored) and must have the reference's shapes;
+    buffers are the reference's -- callers check with ``check_buffers`` that the
+    quantized model uses the same ones.  Results are detached float32 clones on
+    the reference's device, never aliasing the quantized model's storage.
     """
+    canonical = {id(p): name for name, p in reference.named_parameters()}
     out: Dict[str, torch.Tensor] = {}
     missing = []
-    for name, ref in reference.named_parameters():
+    for name, ref in reference.named_parameters(remove_duplicate=False):
         value = values.get(name)
+        if value is None:
+            value = values.get(canonical[id(ref)])
         if value is None:
             missing.append(name)
             continue
@@ -44,6 +52,9 @@ def assemble_weights(
             f"{source}: the quantized model gives no value for the reference parameters {missing}; "
             "is `reference` the float model that was quantized?"
         )
+    for name, buf in reference.named_buffers(remove_duplicate=False):
+        if torch.is_floating_point(buf):
+            out[name] = buf.detach().to(dtype=torch.float32).clone()
     return out
 
 
@@ -69,10 +80,11 @@ def check_buffers(
 
 
 def load_effective_weights(reference: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Return a deep copy of ``reference`` whose parameters are replaced by ``weights``.
+    """Return a deep copy of ``reference`` with its parameters (and any buffers present) from ``weights``.
 
-    Every parameter of ``reference`` must be present in ``weights``; buffers are
-    the reference's.  ``reference`` itself is not modified.
+    Every parameter of ``reference`` must be present in ``weights``; buffers
+    missing from ``weights`` stay the reference's.  ``reference`` itself is not
+    modified.
     """
     model = copy.deepcopy(reference)
     params = dict(model.named_parameters())
@@ -80,9 +92,11 @@ def load_effective_weights(reference: nn.Module, weights: Mapping[str, torch.Ten
     if missing:
         raise ValueError(f"weights lack the parameters {missing}")
     with torch.no_grad():
-        for name, param in params.items():
-            value = weights[name]
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"{name!r}: shape {tuple(value.shape)} != {tuple(param.shape)}")
-            param.copy_(value.to(param))
+        for name, tensor in chain(params.items(), model.named_buffers()):
+            value = weights.get(name)
+            if value is None:
+                continue
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ValueError(f"{name!r}: shape {tuple(value.shape)} != {tuple(tensor.shape)}")
+            tensor.copy_(value.to(tensor))
     return model

@@ -55,8 +55,11 @@ def masks_from_scores(scores: dict, amount: float, scope: str = "global") -> dic
     flat = torch.cat([s.detach().reshape(-1).to(torch.float64).cpu() for s in scores.values()])
     k = int(round(amount * flat.numel()))
     keep = torch.ones_like(flat, dtype=torch.bool)
-    if k:
-        keep[torch.argsort(flat, stable=True)[:k]] = False
+    if k:  # the k lowest, ties taken by position: a threshold, then the first tied entries (linear time)
+        t = flat.kthvalue(k).values
+        keep &= ~(flat < t)
+        ties = (flat == t).nonzero().flatten()
+        keep[ties[: k - int((~keep).sum())]] = False
     out, start = {}, 0
     for n, s in scores.items():
         out[n] = keep[start:start + s.numel()].view(s.shape).to(s.device)

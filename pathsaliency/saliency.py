@@ -88,16 +88,19 @@ def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.fl
             f"modules {bad} are called several times along one path: a path can use their weights twice, so "
             "the one-pass score is not the removal; compute those by path_metric(model, model_with_weight_zeroed)")
     shape = lifted.sample_shape(input_shape)
-    weights, leaves = _affine_weights_with_grad(lifted, model, dtype)
-    with torch.enable_grad():
+    with torch.enable_grad():  # also when the caller is under torch.no_grad()
+        weights, leaves = _affine_weights_with_grad(lifted, model, dtype)
         log2, env = norm_pass(lifted.plan, weights, shape, dtype=dtype, device=lifted.device)
         out = env[lifted.plan.output]
         total = out.t.sum(dtype=torch.float64)
         total.backward()
     scores = Scores()
     tensors = params.named_tensors(model)
+    norm = total.detach()
     for name, leaf in leaves.items():
-        score = (leaf.detach() * leaf.grad).to(torch.float64) / total.detach()
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        score = (leaf.detach() * grad).to(torch.float64)
+        score = score / norm if norm > 0 else torch.zeros_like(score)  # no path, nothing to lose
         pname = f"{name}.weight"
         scores[pname] = score.to(tensors[pname].device).view_as(tensors[pname])
     scores.scale = PathValue(float(log2.detach()[0]))
