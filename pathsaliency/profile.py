@@ -17,7 +17,9 @@ from .passes import Scaled, norm_pass
 
 class Profile:
     """One forward and one backward of the path-norm pass for one model state: the cached activations
-    (for removal passes) and, per affine step, the per-channel ``sum fwd(v) * bwd(v) / ||Phi||``."""
+    (for removal passes), the derivative of the output by every node, and per affine step and channel
+    ``sum fwd(v) * bwd(v) / ||Phi||`` (``channel_loss``: every path through the neurons) and
+    ``|b| * bwd(v) / ||Phi||`` (``bias_loss``: the paths that start at their bias)."""
 
     def __init__(self, lifted, model, shape, dtype):
         plan = lifted.plan
@@ -30,14 +32,22 @@ class Profile:
         self.log2_norm = float(log2.detach()[0])
         self.cache = {n: _detach(v) for n, v in env.items()}
         self.grads = {n: (g if g is not None else torch.zeros_like(t)) for (n, t), g in zip(outs.items(), grads)}
-        self.channel_loss = {}
+        self.channel_loss, self.bias_loss = {}, {}
         for node, g in self.grads.items():
             if node not in plan.affine:
                 continue
-            t = outs[node]
+            step, t = plan.affine[node], outs[node]
             prod = (t.detach() * g).to(torch.float64)
-            dim = plan.affine[node].channel_dim % prod.dim()
-            self.channel_loss[node] = prod.sum([d for d in range(prod.dim()) if d != dim]) / total.detach()
+            dim = step.channel_dim % prod.dim()
+            others = [d for d in range(prod.dim()) if d != dim]
+            self.channel_loss[node] = prod.sum(others) / total.detach()
+            b = self.weights[node].b
+            if b is not None:  # the bias enters the raw tensor as b * 2**-e
+                scale = torch.exp2(-self.cache[node].e.to(torch.float64))
+                per_channel = g.to(torch.float64).sum(others) if others else g.to(torch.float64)
+                self.bias_loss[node] = b.to(torch.float64) * scale * per_channel / total.detach()
+            else:
+                self.bias_loss[node] = torch.zeros_like(self.channel_loss[node])
 
 
 def _detach(v):

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from . import params
+from . import ops, params
 from .errors import PathSaliencyError
 from .lifting import compute_dtype, lift
 from .norm import PathValue
@@ -162,13 +162,99 @@ def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: in
         if len(idx) and (int(idx.max()) >= width or int(idx.min()) < 0):
             raise PathSaliencyError(f"channel index out of range for '{r.module}' ({side}, {width} channels)")
         m[cand, idx] = True
-    first_order = torch.zeros(num_candidates, dtype=torch.float64)
-    for node, m in masks.items():
-        loss = prof.channel_loss[node].cpu()
-        first_order += (m.to(torch.float64) * loss.view(1, -1)).sum(1)
-    if not exact or _is_antichain(plan, masks, in_masks):
-        return first_order
+    if not exact:
+        return _first_visit(prof, masks, {}, num_candidates)
+    dependents = _dependents(plan, prof, masks, in_masks)
+    if dependents is not None:
+        return _first_visit(prof, masks, dependents, num_candidates)
     return _removal_scores(lifted, prof, shape, masks, in_masks, num_candidates, dtype, memory_budget)
+
+
+def _first_visit(prof, masks, dependents, num):
+    """``sum over removed neurons v of fwd~(v) * bwd(v)``, by the first removed neuron a path visits:
+    ``fwd~ = fwd`` for a neuron no other removed neuron reaches, ``fwd~ = |bias|`` for a standalone
+    batch-norm neuron whose only input is a removed neuron (``dependents``)."""
+    scores = torch.zeros(num, dtype=torch.float64)
+    for node, m in masks.items():
+        per_channel = prof.bias_loss[node] if node in dependents else prof.channel_loss[node]
+        scores += (m.to(torch.float64) * per_channel.cpu().view(1, -1)).sum(1)
+    return scores
+
+
+def _dependents(plan, prof, masks, in_masks):
+    """The set of masked standalone batch-norms fed only by masked channels, when the first-visit sum is
+    exact for this group; None when a removal pass is needed.
+
+    Exact when (1) no other removed node reaches a *root* (a removed node that is not such a batch-norm),
+    (2) every removed channel of a dependent batch-norm, and every removed input channel, comes for the
+    same candidate from a removed channel through channel-preserving operators (ReLU, pooling,
+    concatenation, flatten): then the removed edges are those of removed neurons."""
+    masked = list(masks)
+    origin = _channel_origins(plan, prof, masked)
+    removed = torch.cat([masks[n] for n in masked], 1)  # (num, channels of every masked node)
+
+    def covered(node_input, m):
+        ids = origin.get(node_input)
+        if ids is None:
+            return False
+        j, ch = m.nonzero(as_tuple=True)
+        src = ids[ch]
+        return bool((src >= 0).all()) and bool(removed[j, src.clamp_min(0)].all())
+
+    deps = {n for n in masked if plan.affine[n].kind == "bn" and plan.affine[n].module is None
+            and covered(plan.affine[n].input, masks[n])}
+    roots = [n for n in masked if n not in deps]
+    for r in roots:
+        if r in plan.reachable_from([n for n in masked if n is not r]):
+            return None
+    for n, m in in_masks.items():
+        if not covered(plan.affine[n].input, m):
+            return None
+    return deps
+
+
+def _channel_origins(plan, prof, roots) -> dict:
+    """node -> for each channel (dim 1) the index (among the channels of the ``roots`` nodes, in order) of
+    the channel it carries unchanged, or -1."""
+    ids, start = {}, 0
+    for r in roots:
+        width = prof.cache[r].t.shape[plan.affine[r].channel_dim]
+        ids[r] = torch.arange(start, start + width)
+        start += width
+    for n in plan.nodes:
+        if n in ids or n in plan.static or n in plan.affine:
+            continue
+        action = plan.actions.get(n)
+        inputs = [a for a in n.all_input_nodes if a not in plan.static]
+        if _keeps_channels(action) and inputs and inputs[0] in ids:
+            ids[n] = ids[inputs[0]]
+        elif isinstance(action, ops.Same) and action.fn in ops.CAT_FUNCTIONS and action.fn is not torch.stack:
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            parts = n.args[0]
+            if dim == 1 and any(p in ids for p in parts):
+                ids[n] = torch.cat([ids[p] if p in ids else torch.full((prof.cache[p].t.shape[1],), -1)
+                                    for p in parts])
+        elif _is_flatten(action) and inputs and inputs[0] in ids:
+            t = prof.cache[inputs[0]].t
+            ids[n] = ids[inputs[0]].repeat_interleave(t[0].numel() // t.shape[1])
+    return ids
+
+
+def _keeps_channels(action) -> bool:
+    if isinstance(action, (ops.Identity, ops.WindowSum, ops.AdaptiveWindowSum)):
+        return True
+    if isinstance(action, ops.Same) and not action.combines:
+        fn = action.fn
+        return isinstance(fn, ops.AVG_MODULES + ops.ADAPTIVE_AVG_MODULES) or fn in ops.AVG_FUNCTIONS \
+            or fn in ops.ADAPTIVE_AVG_FUNCTIONS
+    return False
+
+
+def _is_flatten(action) -> bool:
+    if not isinstance(action, ops.Same):
+        return False
+    fn = action.fn
+    return (isinstance(fn, nn.Flatten) and fn.start_dim == 1) or fn is torch.flatten
 
 
 def _step_of(lifted, module):
@@ -179,20 +265,6 @@ def _step_of(lifted, module):
         raise PathSaliencyError(f"'{module}' is called {len(steps)} times in one forward pass: removing its channels "
                                 "removes neurons at several places; structured scores for shared modules are not supported")
     return steps[0]
-
-
-def _is_antichain(plan, masks, in_masks) -> bool:
-    """No removed neuron reaches another (node level), and every removed input channel is already a
-    removed output channel carried unchanged (ReLU, pooling, reshapes) to the consumer."""
-    nodes = list(masks)
-    for n in nodes:
-        reach = plan.reachable_from([n])
-        if any(m is not n and m in reach for m in nodes):
-            return False
-    if in_masks:
-        carried = plan.reachable_from(nodes, through=lambda x: x in plan.actions and not plan.actions[x].combines)
-        return all(plan.affine[n].input in carried for n in in_masks)
-    return True
 
 
 def _removal_scores(lifted, prof, shape, masks, in_masks, num, dtype, budget):
