@@ -1,0 +1,142 @@
+"""The structured-pruning recipe end to end: CIFAR ResNet-20 on a slice of the packaged sample (with and
+without a few fine-tuning steps), the ImageNet code path on a tiny generated ImageFolder with random
+weights, and the conv form of the option-A shortcut (same function, same path-norm)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("torch_pruning")
+pytest.importorskip("matplotlib")
+
+import pathsaliency as ps  # noqa: E402
+from pathsaliency.models.cifar_resnet import load_cifar_resnet, to_conv_shortcut  # noqa: E402
+from pathsaliency.recipes import structured  # noqa: E402
+from pathsaliency.recipes.cifar10 import cifar10, shared_dir  # noqa: E402
+
+FILES = ("structured.csv", "structured.md", "structured.json", "structured.png")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small shared machine two spinning threads are several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _check_rows(rows, finetuned=False):
+    for r in rows:
+        assert r["observed_max"] <= r["certified_bound"], r
+        assert r["zeroed_vs_pruned"] <= 1e-5, r
+        assert 0 < r["macs_removed"] < 1 and 0 < r["params_removed"] < 1, r
+        assert r["macs_after"] < r["macs_before"] and 0 < r["D_relative"] <= 1, r
+        assert 0 <= r["top1"] <= 100
+        if finetuned:
+            assert 0 <= r["top1_finetuned"] <= 100
+            assert r["finetuned_observed_max"] <= r["finetuned_certified_bound"], r
+        else:
+            assert r["top1_finetuned"] == ""
+
+
+def test_conv_shortcut_keeps_function_path_norm_and_costs():
+    original = load_cifar_resnet("resnet20")
+    converted = to_conv_shortcut(original)
+    x = torch.stack([cifar10("test", source="sample", limit=16)[i][0] for i in range(16)])
+    with torch.no_grad():
+        assert torch.equal(original(x), converted(x))
+    assert ps.path_norm(original, (3, 32, 32), dtype=torch.float64).log2 == pytest.approx(
+        ps.path_norm(converted, (3, 32, 32), dtype=torch.float64).log2, abs=1e-12)
+    frozen = structured.frozen_shortcut_convs(converted)
+    assert len(frozen) == 2 and not any(m.weight.requires_grad for m in frozen)
+    # the reported costs leave the frozen 0/1 convolutions out: those of the option-A form
+    assert structured.costs(converted, (3, 32, 32), frozen) == structured.costs(original, (3, 32, 32))
+
+
+def test_frozen_shortcut_channels_follow_the_residual_streams():
+    spec = structured.load_spec("resnet20", data="sample", limit=32, train_data="sample", log=lambda *a: None)
+    pruned, tracker = structured.prune(spec, "l1", "local", 0.25)
+    sc2, sc3 = (m.conv for m in (pruned.layer2[0].shortcut, pruned.layer3[0].shortcut))
+    # the stage-2 and stage-3 streams lost channels, and the frozen shortcuts lost the matching rows/columns
+    assert pruned.layer2[0].conv2.out_channels == sc2.out_channels == 24
+    assert pruned.layer3[0].conv2.out_channels == sc3.out_channels == 48
+    assert sc2.in_channels == pruned.layer1[0].conv2.out_channels == 12 == sc3.in_channels // 2
+    assert not sc2.weight.requires_grad and not sc3.weight.requires_grad
+    # each kept shortcut entry is the original one (a 0/1 selection, never re-learned or re-scaled)
+    w = spec.model.layer2[0].shortcut.conv.weight
+    kept = w[tracker.out["layer2.0.shortcut.conv"]][:, tracker.inp["layer2.0.shortcut.conv"]]
+    assert torch.equal(kept, sc2.weight)
+
+
+def test_cifar_end_to_end(tmp_path):
+    rows = structured.run(models=("resnet20",), data="sample", limit=100, importances=("path-metric", "l1"),
+                          ratios=(0.3,), scope="both", out=tmp_path, finetune_epochs=0, workers=0, progress=False,
+                          log=lambda *a: None)
+    assert [(r["importance"], r["scope"]) for r in rows] == [("path-metric", "local"), ("path-metric", "global"),
+                                                             ("l1", "local"), ("l1", "global")]
+    _check_rows(rows)
+    for f in FILES:
+        assert (tmp_path / f).stat().st_size > 0
+    assert json.loads((tmp_path / "structured.json").read_text()) == json.loads(json.dumps(rows))
+    md = (tmp_path / "structured.md").read_text()
+    assert "| resnet20 | path-metric | global | 0.30 |" in md
+    # local ranking prunes the same number of channels whatever the importance
+    assert rows[0]["macs_after"] == rows[2]["macs_after"]
+    assert rows[0]["top1_unpruned"] == pytest.approx(rows[2]["top1_unpruned"])
+
+
+def test_every_importance_runs(tmp_path):
+    rows = structured.run(models=("resnet20",), data="sample", limit=20, importances=structured.IMPORTANCES,
+                          ratios=(0.25,), scope="local", out=tmp_path, calib_batches=1, calib_batch_size=8,
+                          train_data="sample", train_limit=8, workers=0, progress=False, log=lambda *a: None)
+    assert [r["importance"] for r in rows] == list(structured.IMPORTANCES)
+    _check_rows(rows)
+
+
+def test_cifar_finetune_steps(tmp_path):
+    have_train = (shared_dir() / "data" / "cifar10" / "train.zip").is_file()
+    rows = structured.run(models=("resnet20",), data="sample", limit=100, importances=("l1",),
+                          ratios=(0.2,), scope="local", out=tmp_path, finetune_epochs=1, train_limit=64,
+                          train_data="train" if have_train else "sample", finetune_batch_size=16, workers=0,
+                          progress=False, log=lambda *a: None)
+    assert len(rows) == 1
+    _check_rows(rows, finetuned=True)
+    for f in FILES:
+        assert (tmp_path / f).is_file()
+    assert "top1_finetuned" in (tmp_path / "structured.md").read_text()
+
+
+def _image_folder(root):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in ("n0001", "n0002"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                a = torch.randint(0, 256, (64, 64, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(a).save(d / f"{i}.jpg")
+    return root
+
+
+def test_imagenet_code_path_random_weights(tmp_path):
+    data = _image_folder(tmp_path / "imagenet")
+    out = tmp_path / "out"
+    rows = structured.run(models=("imagenet:resnet18",), imagenet_dir=data, image_size=32,
+                          importances=("path-metric",), ratios=(0.25,), scope="global", out=out,
+                          finetune_epochs=1, finetune_batch_size=4, workers=0, progress=False, log=lambda *a: None)
+    assert len(rows) == 1 and rows[0]["model"] == "imagenet:resnet18"
+    _check_rows(rows, finetuned=True)
+    for f in FILES:
+        assert (out / f).is_file()
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        structured.main(["--help"])
+    assert e.value.code == 0
+    assert "--iterative-steps" in capsys.readouterr().out
