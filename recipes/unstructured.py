@@ -18,6 +18,7 @@ deviation above its certified bound is a bug and stops the run.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -71,53 +72,92 @@ def run(models=("resnet20",), data="sample", sparsities=(0.1, 0.2, 0.4, 0.6, 0.8
     seed_everything(seed)
     out = Path(out)
     X, Y = load_data(data, limit, progress)
-    x_bound = X.reshape(len(X), -1).abs().amax(1).double().clamp_min(1.0)
     rows = []
     for name in models:
         ref = load_cifar_resnet(name)
         if finetune_epochs:
             ref = finetune(ref, cifar10("train", augment=True, limit=train_limit), finetune_epochs, seed=seed,
                            progress=progress)
-        rescaled = random_rescale_seeded(ref, factors, seed)
-        bases = {False: ref, True: rescaled}
-        base_logits = {k: predict(m, X) for k, m in bases.items()}
-        log(f"{name}: top-1 {top1(base_logits[False], Y):.2f}% on {len(X)} images; rescaled copy differs by at most "
-            f"{float((base_logits[True] - base_logits[False]).abs().max()):.2e}")
-        plain_masks = {}
-        for crit in criteria:
-            kind, on_rescaled = CRITERIA[crit]
-            base = bases[on_rescaled]
-            t0 = time.perf_counter()
-            scores = unstructured_scores(base, INPUT_SHAPE, kind)
-            for sp in sparsities:
-                masks = masks_from_scores(scores, sp)
-                pruned = apply_masks(base, masks)
-                if finetune_after_epochs:
-                    pruned = finetune(pruned, cifar10("train", augment=True, limit=train_limit), finetune_after_epochs,
-                                      masks=masks, seed=seed, progress=progress)
-                logits = predict(pruned, X)
-                d = ps.path_metric(base, pruned, INPUT_SHAPE)
-                bound = x_bound * d.value
-                observed = deviation(base_logits[on_rescaled], logits)
-                check_bound(observed, bound, f"{name} {crit} {sp:.0%}")
-                same = ""
-                if on_rescaled and (crit.split(" ")[0], sp) in plain_masks:
-                    ref_masks = plain_masks[(crit.split(" ")[0], sp)]
-                    same = all(torch.equal(masks[k], ref_masks[k]) for k in masks)
-                elif not on_rescaled:
-                    plain_masks[(crit, sp)] = masks
-                rows.append({"model": name, "criterion": crit, "sparsity": sp, "top1": top1(logits, Y),
-                             "log10_D": d.log10, "D_relative": d.relative, "certified_bound": float(bound.max()),
-                             "observed_max": float(observed.max()), "observed_mean": float(observed.mean()),
-                             "exact": d.exact, "same_masks_as_unrescaled": same,
-                             "finetuned": bool(finetune_after_epochs)})
-            log(f"  {crit:26s} " + "  ".join(f"{r['sparsity']:.0%}: {r['top1']:5.2f}%" for r in rows
-                                                if r["model"] == name and r["criterion"] == crit)
-                + f"  ({time.perf_counter() - t0:.1f} s)")
+        after = None
+        if finetune_after_epochs:
+            def after(pruned, masks):
+                return finetune(pruned, cifar10("train", augment=True, limit=train_limit), finetune_after_epochs,
+                                masks=masks, seed=seed, progress=progress)
+        rows += compare(name, ref, (X, Y), INPUT_SHAPE, sparsities, criteria, factors, seed=seed,
+                        finetune_after=after, log=log)
     paths = write_table(rows, out, "unstructured", f"Unstructured pruning on CIFAR-10 ({data}, {len(X)} images)",
                         COLUMNS, FORMATS)
     plot(rows, out / "unstructured.png", f"CIFAR-10 {data} ({len(X)} images)")
     log(f"wrote {', '.join(str(p) for p in paths.values())}, {out / 'unstructured.png'}")
+    return rows
+
+
+def outputs(model, data, device="cpu", progress=False):
+    """``(logits, labels, input bounds)`` of ``model`` (evaluated as is: call ``.eval()`` first) on ``data``:
+    an ``(X, Y)`` pair of tensors (batches of 500) or an iterable of ``(x, y)`` batches (a DataLoader, for
+    data too large to hold in memory). The input bound of a sample is ``max(1, ||x||_inf)``. On another
+    ``device`` a copy of the model is evaluated (the certificates are computed on the CPU copy)."""
+    if torch.device(device) != torch.device("cpu"):
+        model = copy.deepcopy(model).to(device)
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        X, Y = data
+        return predict(model, X, device=device), Y, X.reshape(len(X), -1).abs().amax(1).double().clamp_min(1.0)
+    if progress:
+        from tqdm.auto import tqdm
+
+        data = tqdm(data, desc="evaluate", leave=False)
+    logits, labels, bounds = [], [], []
+    with torch.no_grad():
+        for x, y in data:
+            logits.append(model(x.to(device)).float().cpu())
+            labels.append(torch.as_tensor(y))
+            bounds.append(x.reshape(len(x), -1).abs().amax(1).double().clamp_min(1.0))
+    return torch.cat(logits), torch.cat(labels), torch.cat(bounds)
+
+
+def compare(name, ref, data, input_shape=INPUT_SHAPE, sparsities=(0.1, 0.2, 0.4, 0.6, 0.8), criteria=tuple(CRITERIA),
+            factors=(1, 128, 4096), seed=0, finetune_after=None, device="cpu", progress=False, log=print):
+    """The rows of one reference network ``ref`` (called ``name``, in eval mode, on the CPU) on ``data`` (see
+    :func:`outputs`), whose samples have shape ``input_shape``: every criterion at every sparsity, each pruned
+    network's certified distance and bound checked against its observed deviation on every sample.
+    ``finetune_after(pruned, masks)``, if given, returns the pruned network fine-tuned with its masks kept
+    (on the CPU); ``device`` is where the networks are evaluated."""
+    ref_logits, Y, x_bound = outputs(ref, data, device, progress)
+    rescaled = random_rescale_seeded(ref, factors, seed)
+    bases = {False: ref, True: rescaled}
+    base_logits = {False: ref_logits, True: outputs(rescaled, data, device, progress)[0]}
+    log(f"{name}: top-1 {top1(base_logits[False], Y):.2f}% on {len(Y)} images; rescaled copy differs by at most "
+        f"{float((base_logits[True] - base_logits[False]).abs().max()):.2e}")
+    rows, plain_masks = [], {}
+    for crit in criteria:
+        kind, on_rescaled = CRITERIA[crit]
+        base = bases[on_rescaled]
+        t0 = time.perf_counter()
+        scores = unstructured_scores(base, input_shape, kind)
+        for sp in sparsities:
+            masks = masks_from_scores(scores, sp)
+            pruned = apply_masks(base, masks)
+            if finetune_after is not None:
+                pruned = finetune_after(pruned, masks)
+            logits = outputs(pruned, data, device, progress)[0]
+            d = ps.path_metric(base, pruned, input_shape)
+            bound = x_bound * d.value
+            observed = deviation(base_logits[on_rescaled], logits)
+            check_bound(observed, bound, f"{name} {crit} {sp:.0%}")
+            same = ""
+            if on_rescaled and (crit.split(" ")[0], sp) in plain_masks:
+                ref_masks = plain_masks[(crit.split(" ")[0], sp)]
+                same = all(torch.equal(masks[k], ref_masks[k]) for k in masks)
+            elif not on_rescaled:
+                plain_masks[(crit, sp)] = masks
+            rows.append({"model": name, "criterion": crit, "sparsity": sp, "top1": top1(logits, Y),
+                         "log10_D": d.log10, "D_relative": d.relative, "certified_bound": float(bound.max()),
+                         "observed_max": float(observed.max()), "observed_mean": float(observed.mean()),
+                         "exact": d.exact, "same_masks_as_unrescaled": same,
+                         "finetuned": finetune_after is not None})
+        log(f"  {crit:26s} " + "  ".join(f"{r['sparsity']:.0%}: {r['top1']:5.2f}%" for r in rows
+                                            if r["criterion"] == crit)
+            + f"  ({time.perf_counter() - t0:.1f} s)")
     return rows
 
 

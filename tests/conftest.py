@@ -9,11 +9,15 @@ inside it: the library reads a user's model, it never modifies it.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.modules.module as _module_mod
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # two workers on two cores: one thread each, no oversubscription
 
 _HOOK_ATTRS = (
     "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
