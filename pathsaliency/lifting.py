@@ -54,7 +54,7 @@ class Lifted:
     def __init__(self, model: nn.Module, output=None):
         self.device = model_device(model)
         self.plan = capture(model, output)
-        self._weights_cache = {}
+        self._weights_cache, self._signed_cache = {}, {}
 
     def sample_shape(self, input_shape) -> tuple:
         """The shape of one sample: ``input_shape`` without a leading batch dimension of 1."""
@@ -66,7 +66,18 @@ class Lifted:
         return shape
 
     def signed(self, source, dtype) -> dict:
-        """node -> signed ``(W, b)`` of every affine step, from a module or a state dict."""
+        """node -> signed ``(W, b)`` of every affine step, from a module or a state dict (cached for a
+        module while none of its tensors changes)."""
+        key = self.state_key(source, dtype) if isinstance(source, nn.Module) else None
+        hit = self._signed_cache.get(id(source))
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        out = self._signed(source, dtype)
+        if key is not None:
+            self._signed_cache = {id(source): (key, out)}
+        return out
+
+    def _signed(self, source, dtype) -> dict:
         tensors = params.named_tensors(source)
         names = [n for s in self.plan.steps for n in params.step_tensor_names(s)]
         params.check_finite(tensors, names, "model" if isinstance(source, nn.Module) else "state dict")

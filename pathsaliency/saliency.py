@@ -96,11 +96,11 @@ def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.fl
         total.backward()
     scores = Scores()
     tensors = params.named_tensors(model)
-    norm = total.detach()
+    norm = float(total.detach())
     for name, leaf in leaves.items():
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        score = (leaf.detach() * grad).to(torch.float64)
-        score = score / norm if norm > 0 else torch.zeros_like(score)  # no path, nothing to lose
+        # in the pass's dtype: the gradient itself is no more precise than that
+        score = torch.mul(leaf.detach(), grad).mul_(1.0 / norm) if norm > 0 else torch.zeros_like(grad)  # no path
         pname = f"{name}.weight"
         scores[pname] = score.to(tensors[pname].device).view_as(tensors[pname])
     scores.scale = PathValue(float(log2.detach()[0]))
