@@ -58,8 +58,9 @@ import torch.nn as nn
 import pathsaliency as ps
 from pathsaliency.models.cifar_resnet import ShortcutConv, load_cifar_resnet, to_conv_shortcut
 
-from .cifar10 import _interleave, cifar10
+from .cifar10 import cifar10
 from .common import deviation, markdown_table, predict, seed_everything, top1, write_table
+from .imagenet import image_folder
 from .training import finetune
 from .unstructured import CertificateViolation, check_bound, load_data  # noqa: F401 (CertificateViolation: raised)
 
@@ -74,8 +75,6 @@ from pathsaliency.integrations.torch_pruning import PathMetricImportance
 IMPORTANCES = ("path-metric", "path-metric-first-order", "l1", "l2", "lamp", "bn-scale", "taylor", "random")
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56")
 IMAGENET_MODELS = ("imagenet:resnet18", "imagenet:resnet50")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 COLUMNS = ["model", "importance", "scope", "ratio", "macs_before", "macs_after", "macs_removed", "params_before",
            "params_after", "params_removed", "top1_unpruned", "top1", "top1_finetuned", "D_relative", "log10_D",
            "certified_bound", "observed_max", "zeroed_vs_pruned", "finetuned_certified_bound",
@@ -373,35 +372,13 @@ def outputs(model, batches, device="cpu"):
     return torch.cat(logits), torch.cat(labels), torch.cat(xb)
 
 
-def _imagenet_transforms(image_size, train):
-    from torchvision import transforms as T
-
-    if train:
-        steps = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
-    else:
-        steps = [T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size)]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def _balanced_subset(ds, limit):
-    if limit is None:
-        return ds
-    targets = getattr(ds, "targets", None) or [y for _, y in ds.samples]
-    return torch.utils.data.Subset(ds, _interleave(targets)[: int(limit)])
-
-
 def imagenet_data(root, image_size=224, limit=None, train_limit=None):
     """``(eval dataset, train dataset or None)`` from an ImageFolder root (``val/`` and ``train/``
     sub-folders if present, else the root itself for evaluation and no training data)."""
-    from torchvision.datasets import ImageFolder
-
     root = Path(root)
-    val = root / "val" if (root / "val").is_dir() else root
-    ev = _balanced_subset(ImageFolder(str(val), transform=_imagenet_transforms(image_size, False)), limit)
-    train = None
-    if (root / "train").is_dir():
-        train = _balanced_subset(ImageFolder(str(root / "train"), transform=_imagenet_transforms(image_size, True)),
-                                 train_limit)
+    ev = image_folder(root, "val", image_size, False, limit) if (root / "val").is_dir() else \
+        image_folder(root.parent, root.name, image_size, False, limit)
+    train = image_folder(root, "train", image_size, True, train_limit) if (root / "train").is_dir() else None
     return ev, train
 
 
