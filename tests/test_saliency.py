@@ -140,3 +140,18 @@ def test_a_module_shared_by_parallel_branches_is_scored_exactly():
             cut.branch.weight[i] = 0
         lost = norm - ps.path_norm(cut, (4,), dtype=torch.float64).value
         assert float(scores["branch.weight"][i]) * norm == pytest.approx(lost, rel=1e-9)
+
+
+def test_resnet152_scores_are_finite_positive_and_agree_with_float64():
+    """The path-norm of a ResNet-152 is far beyond float32; relative scores stay finite and ordered."""
+    torch.manual_seed(0)
+    m = torchvision.models.resnet152().eval()
+    s32 = ps.path_magnitude(m, (3, 32, 32))
+    s64 = ps.path_magnitude(m, (3, 32, 32), dtype=torch.float64)
+    assert s32.scale.log10 > 100 and s32.scale.log10 == pytest.approx(s64.scale.log10, rel=1e-6)
+    params = dict(m.named_parameters())
+    for name in s32:
+        a, b = s32[name].double(), s64[name]
+        assert torch.isfinite(a).all()
+        assert torch.all((a > 0) == (params[name].detach() != 0)), name
+        assert torch.allclose(a, b, rtol=1e-3, atol=0), name
