@@ -9,7 +9,6 @@ no tensor has been written to: ``data_ptr`` and ``_version`` unchanged).
 from __future__ import annotations
 
 import weakref
-from typing import Mapping
 
 import torch
 import torch.nn as nn

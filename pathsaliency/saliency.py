@@ -15,7 +15,6 @@ Multiply by ``.scale`` (``||Phi(theta)||_1`` as a :class:`PathValue`) for the ab
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,6 @@ the tolerance; a tighter tolerance keeps more layers in float (static INT8) or m
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
