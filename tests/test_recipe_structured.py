@@ -19,14 +19,6 @@ from pathsaliency.recipes.cifar10 import cifar10, shared_dir  # noqa: E402
 FILES = ("structured.csv", "structured.md", "structured.json", "structured.png")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared machine two spinning threads are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _check_rows(rows, finetuned=False):
     for r in rows:
