@@ -22,15 +22,13 @@ Every node of the graph that the selected output depends on is classified as
 """
 from __future__ import annotations
 
-import builtins
 import copy
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import ops
+from . import ops, steps
 from .errors import UnsupportedModelError
 
 
@@ -42,7 +40,7 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, m.forward, args, kwargs)
 
     def is_leaf_module(self, m, qualname):
-        if ops.FrozenBatchNorm2d is not None and isinstance(m, ops.FrozenBatchNorm2d):
+        if steps.FrozenBatchNorm2d is not None and isinstance(m, steps.FrozenBatchNorm2d):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -58,47 +56,6 @@ def eval_view(module: nn.Module) -> nn.Module:
 
 
 @dataclass
-class Affine:
-    """A parameterised step: ``y = W x + b`` with ``W`` a conv/linear weight (batch-norm folded in)
-    or the diagonal scale of a standalone batch-norm."""
-
-    node: fx.Node  # the node whose value is the step's output
-    input: fx.Node  # the activation it reads
-    kind: str  # "conv", "conv_transpose", "linear" or "bn"
-    module: str | None  # qualified name of the conv/linear
-    bn: str | None  # qualified name of the batch-norm (folded or standalone)
-    conv: nn.Module | None = None  # the conv/linear module (for its hyper-parameters)
-    eps: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.module or self.bn
-
-    @property
-    def channel_dim(self) -> int:
-        return -1 if self.kind == "linear" else 1
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``W x`` without bias."""
-        m = self.conv
-        if self.kind == "conv":
-            return m._conv_forward(x, weight, None)
-        if self.kind == "conv_transpose":
-            nd = x.dim() - 2
-            fn = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
-                  3: torch.nn.functional.conv_transpose3d}[nd]
-            return fn(x, weight, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
-        if self.kind == "linear":
-            return torch.nn.functional.linear(x, weight)
-        return x * weight.view((1, -1) + (1,) * (x.dim() - 2))
-
-    def bias_view(self, b: torch.Tensor, ndim: int) -> torch.Tensor:
-        if self.kind == "linear":
-            return b
-        return b.view((1, -1) + (1,) * (ndim - 2))
-
-
-@dataclass
 class Plan:
     """A validated ReLU-DAG: the live nodes in topological order and what each one does."""
 
@@ -109,13 +66,14 @@ class Plan:
     output: fx.Node
     static: set  # nodes evaluated as plain Python
     actions: dict  # node -> ops action (fixed nodes)
-    affine: dict  # node -> Affine (the output node of each parameterised step)
+    affine: dict  # node -> steps.Step (the output node of each parameterised step)
     absorbed: set  # conv/linear nodes whose batch-norm was folded into them
     shared: dict = field(default_factory=dict)  # module name -> number of calls (> 1)
-    producers: dict = field(default_factory=dict)  # module name -> list of Affine steps that use it
+    producers: dict = field(default_factory=dict)  # module name -> list of steps that use it
     frees: dict = field(default_factory=dict)  # node -> nodes whose last reader it is
     consumers: dict = field(default_factory=dict)  # node -> non-static nodes that read it
     index: dict = field(default_factory=dict)  # node -> position in ``nodes``
+    selector: object = None  # the ``output=`` choice of a model with several outputs
 
     def __post_init__(self):
         self.index = {n: i for i, n in enumerate(self.nodes)}
@@ -139,6 +97,23 @@ class Plan:
 
     def module_steps(self, name: str):
         return self.producers.get(name, [])
+
+    def not_a_step(self, name: str) -> str:
+        """Why the module ``name`` has no affine step in this plan, for errors."""
+        try:
+            mod = self.root.get_submodule(name)
+        except AttributeError:
+            return f"the model has no module named '{name}'"
+        if not isinstance(mod, steps.AFFINE_MODULES):
+            return f"'{name}' is a {type(mod).__name__}, not a conv, linear or batch-norm layer"
+        called = any(n.op == "call_module" and n.target == name for n in self.graph.nodes)
+        if called and self.selector is not None:
+            return (f"'{name}' is not part of the graph of the selected output (output={self.selector!r}): it only "
+                    "feeds other outputs of the model, so removing or changing it cannot change this one; "
+                    "score it with the output it feeds")
+        if called:
+            return f"'{name}' is on no path to the model's output: the output does not depend on it"
+        return f"'{name}' is not called in the model's forward pass"
 
     def inputs_of(self, n):
         return [self.affine[n].input] if n in self.affine else n.all_input_nodes
@@ -168,8 +143,9 @@ def capture(model: nn.Module, output=None) -> Plan:
     if not placeholders:
         raise UnsupportedModelError([("<input>", "placeholder", "the model takes no input")])
     inp = placeholders[0]
-    out = _select_output(graph, output)
-    live = _ancestors(out)
+    out, choice = _select_output(graph, output)
+    # without a choice among several outputs, classify what every output depends on: report it all at once
+    live = _ancestors([out] if out is not None else choice[1])
     nodes = [n for n in graph.nodes if n in live]
 
     offenders = []
@@ -193,36 +169,27 @@ def capture(model: nn.Module, output=None) -> Plan:
 
     actions, affine, absorbed, calls = {}, {}, set(), {}
     for n in nodes:
-        if n not in value or n is inp:
+        if n not in value or n is inp or n.op == "output":
             continue
         if n.op == "call_module":
             mod = view.get_submodule(n.target)
             calls[n.target] = calls.get(n.target, 0) + 1
-            if isinstance(mod, ops.AFFINE_MODULES):
+            if isinstance(mod, steps.AFFINE_MODULES):
                 reason = _check_affine(n, mod, value)
                 if reason:
                     offenders.append((n.name, ops.describe(n, view), reason))
                 else:
-                    affine[n] = _affine_step(n, mod)
+                    affine[n] = steps.step_for(n, mod)
                 continue
-            action = ops.module_action(mod)
-        elif n.op == "call_function":
-            if n.target is builtins.getattr:
-                action = ops.Refusal(f"attribute '{n.args[1]}' of an activation")
-            else:
-                action = ops.function_action(n.target, n.args, n.kwargs, is_value)
-        elif n.op == "call_method":
-            action = ops.method_action(n.target, n.args, n.kwargs, is_value)
-        elif n.op == "output":
-            continue
-        else:
-            action = ops.Refusal(f"graph node of kind {n.op}")
+        action = ops.action_for(n, view, is_value)
         if isinstance(action, ops.Refusal):
             offenders.append((n.name, ops.describe(n, view), action.reason))
         else:
             actions[n] = action
-    if out not in value:
+    if out is not None and out not in value:
         offenders.append((out.name, "output", "the selected output does not depend on the input"))
+    if choice is not None:
+        offenders.insert(0, choice[0])
     if offenders:
         raise UnsupportedModelError(offenders)
 
@@ -232,12 +199,14 @@ def capture(model: nn.Module, output=None) -> Plan:
         for name in (step.module, step.bn):
             if name:
                 producers.setdefault(name, []).append(step)
-    shared = {k: c for k, c in calls.items() if c > 1 and isinstance(view.get_submodule(k), ops.AFFINE_MODULES)}
+    shared = {k: c for k, c in calls.items() if c > 1 and isinstance(view.get_submodule(k), steps.AFFINE_MODULES)}
     nodes = [n for n in nodes if n not in absorbed]
-    return Plan(view, graph, nodes, inp, out, static, actions, affine, absorbed, shared, producers)
+    return Plan(view, graph, nodes, inp, out, static, actions, affine, absorbed, shared, producers, selector=output)
 
 
 def _select_output(graph, output):
+    """``(the selected output node, None)``, or ``(None, (offender, every output node))`` for a model that
+    returns several tensors and no ``output=`` choice."""
     out_node = next(n for n in graph.nodes if n.op == "output")
     result = out_node.args[0]
     if output is not None:
@@ -246,16 +215,17 @@ def _select_output(graph, output):
         except (KeyError, IndexError, TypeError) as exc:
             raise UnsupportedModelError([(out_node.name, "output", f"output selector {output!r} failed: {exc}")]) from exc
     if isinstance(result, fx.Node):
-        return result
+        return result, None
     kind = type(result).__name__
     keys = list(result.keys()) if isinstance(result, dict) else list(range(len(result))) if isinstance(result, (tuple, list)) else []
-    raise UnsupportedModelError(
-        [(out_node.name, "output", f"the model returns a {kind}; choose the tensor with output=<one of {keys}> "
-                                   "(or a callable that picks it)")])
+    leaves = []
+    fx.node.map_arg(result, leaves.append)
+    return None, ((out_node.name, "output", f"the model returns a {kind}; choose the tensor with output=<one of {keys}> "
+                                             "(or a callable that picks it)"), leaves)
 
 
-def _ancestors(node):
-    seen, stack = set(), [node]
+def _ancestors(nodes):
+    seen, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
         if n in seen:
@@ -268,39 +238,29 @@ def _ancestors(node):
 def _is_shape_query(n) -> bool:
     if n.op == "call_method" and n.target in ops.SHAPE_METHODS:
         return True
-    return n.op == "call_function" and n.target is builtins.getattr and n.args[1] in ops.SHAPE_ATTRIBUTES
+    return n.op == "call_function" and n.target is getattr and n.args[1] in ops.SHAPE_ATTRIBUTES
 
 
 def _check_affine(n, mod, value):
     if len(n.args) != 1 or n.kwargs:
         return "called with extra arguments (e.g. output_size)"
-    if isinstance(mod, ops.BATCHNORM_MODULES) and not isinstance(mod, ops.FrozenBatchNorm2d or ()):
+    if isinstance(mod, steps.BATCHNORM_MODULES) and not isinstance(mod, steps.FrozenBatchNorm2d or ()):
         if mod.running_mean is None or mod.running_var is None:
             return "batch-norm without running statistics (track_running_stats=False) is not frozen"
     return None
-
-
-def _affine_step(n, mod) -> Affine:
-    if isinstance(mod, ops.CONV_MODULES):
-        return Affine(n, n.args[0], "conv", n.target, None, mod)
-    if isinstance(mod, ops.CONV_TRANSPOSE_MODULES):
-        return Affine(n, n.args[0], "conv_transpose", n.target, None, mod)
-    if isinstance(mod, ops.LINEAR_MODULES):
-        return Affine(n, n.args[0], "linear", n.target, None, mod)
-    return Affine(n, n.args[0], "bn", None, n.target, None, eps=float(mod.eps))
 
 
 def _fold_batchnorms(affine, absorbed, nodes, out):
     """Fold a batch-norm into the conv/linear that feeds it when nothing else reads that conv."""
     for n in nodes:
         step = affine.get(n)
-        if step is None or step.kind != "bn":
+        if not isinstance(step, steps.BatchNormStep):
             continue
         producer = affine.get(step.input)
-        if producer is None or producer.kind == "bn" or producer.bn is not None:
+        if producer is None or isinstance(producer, steps.BatchNormStep) or producer.bn is not None:
             continue
         if len(step.input.users) != 1 or step.input is out:
             continue
         absorbed.add(step.input)
         del affine[step.input]
-        affine[n] = Affine(n, producer.input, producer.kind, producer.module, step.bn, producer.conv, step.eps)
+        affine[n] = producer.folded(n, step.bn, step.eps)

@@ -13,10 +13,10 @@ import weakref
 import torch
 import torch.nn as nn
 
-from . import params
+from . import params, steps
 from .errors import ArchitectureMismatchError, PathSaliencyError
 from .graph import capture
-from .passes import Weights
+from .steps import Weights
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -59,7 +59,7 @@ class Lifted:
         """The shape of one sample: ``input_shape`` without a leading batch dimension of 1."""
         shape = tuple(int(s) for s in (input_shape.shape if torch.is_tensor(input_shape) else input_shape))
         first = next((s for s in self.plan.steps if s.input is self.plan.input), None)
-        if first is not None and first.kind in ("conv", "conv_transpose") and shape and shape[0] == 1:
+        if first is not None and isinstance(first, (steps.ConvStep, steps.ConvTransposeStep)) and shape and shape[0] == 1:
             if len(shape) == first.conv.weight.dim():  # (1, C, *spatial) for a conv with len(spatial)+2 dims
                 return shape[1:]
         return shape
@@ -94,16 +94,10 @@ class Lifted:
         hit = self._weights_cache.get(id(source))
         if hit is not None and hit[0] == key:
             return hit[1]
-        out = {node: absolute(w, b, q) for node, (w, b) in self.signed(source, dtype).items()}
+        out = {node: Weights.absolute(w, b, q) for node, (w, b) in self.signed(source, dtype).items()}
         if isinstance(source, nn.Module):
             self._weights_cache = {id(source): (key, out)}
         return out
-
-
-def absolute(w, b, q=1) -> Weights:
-    if q == 1:
-        return Weights(w.abs(), None if b is None else b.abs())
-    return Weights(w.abs() ** q, None if b is None else b.abs() ** q)
 
 
 def lift(model: nn.Module, output=None) -> Lifted:

@@ -16,7 +16,8 @@ import torch
 
 from .lifting import check_same_architecture, compute_dtype, lift
 from .norm import PathValue
-from .passes import Weights, coupled_pass
+from .interpreter import coupled_pass
+from .steps import Weights
 
 
 @dataclass(frozen=True, repr=False)
@@ -67,10 +68,6 @@ def _dominates(big: dict, small: dict) -> bool:
             if not bool(((y.abs() <= x.abs()) & (x * y >= 0)).all()):
                 return False
     return True
-
-
-def _abs(w, b):
-    return Weights(w.abs(), None if b is None else b.abs())
 
 
 def _min_weights(p: dict, r: dict) -> dict:
@@ -130,7 +127,7 @@ def path_metric(model, other, input_shape, *, output=None, dtype=torch.float64) 
 
 
 def _abs_all(p: dict) -> dict:
-    return {node: _abs(w, b) for node, (w, b) in p.items()}
+    return {node: Weights.absolute(w, b) for node, (w, b) in p.items()}
 
 
 def lipschitz_bound(model, other, x, *, output=None, dtype=torch.float64) -> torch.Tensor:
@@ -190,7 +187,7 @@ def layer_distances(model, other, input_shape, *, output=None, dtype=torch.float
                 (w, b), (w2, b2) = p[n], r[n]
                 exact = exact and (_dominates({n: (w, b)}, {n: (w2, b2)}) or _dominates({n: (w2, b2)}, {n: (w, b)}))
                 m = Weights(_min(w, w2), _min(b, b2))
-                for big in (_abs(w, b), _abs(w2, b2)):
+                for big in (Weights.absolute(w, b), Weights.absolute(w2, b2)):
                     log2_d = _log2_add(log2_d, _through_layer(plan.affine[n], prof, big, m, out_e))
             result[name] = PathMetric(log2_d, exact, prof.log2_norm)
     return result

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .lifting import compute_dtype, lift
-from .passes import norm_pass
+from .interpreter import norm_pass
 
 LOG10_2 = math.log10(2.0)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ArchitectureMismatchError, PathSaliencyError
+from .steps import BatchNormStep
 
 
 def named_tensors(source) -> Mapping[str, torch.Tensor]:
@@ -37,14 +38,14 @@ def effective(step, tensors: Mapping[str, torch.Tensor], dtype, device):
             return None
         return t.detach().to(device=device, dtype=dtype)
 
-    if step.kind == "bn":
+    if isinstance(step, BatchNormStep):
         return _bn_affine(step, get)
     w = get(f"{step.module}.weight")
     b = get(f"{step.module}.bias", required=False)
     if step.bn is None:
         return w, b
     s, t = _bn_affine(step, get)
-    w = _scale_outputs(step, w, s)
+    w = step.scale_outputs(w, s)
     return w, (t if b is None else s * b + t)
 
 
@@ -59,11 +60,6 @@ def bn_affine(step, tensors, dtype, device):
     return _bn_affine(step, get)
 
 
-def scale_outputs(step, w, s):
-    """Multiply every output channel ``o`` of a conv/linear weight by ``s[o]``."""
-    return _scale_outputs(step, w, s)
-
-
 def _bn_affine(step, get):
     mean, var = get(f"{step.bn}.running_mean"), get(f"{step.bn}.running_var")
     gamma, beta = get(f"{step.bn}.weight", False), get(f"{step.bn}.bias", False)
@@ -74,16 +70,6 @@ def _bn_affine(step, get):
     if beta is not None:
         t = t + beta
     return s, t
-
-
-def _scale_outputs(step, w, s):
-    """Multiply every output channel ``o`` of a conv/linear weight by ``s[o]``."""
-    if step.kind == "conv_transpose":  # weight: (in, out / groups, *k)
-        g = step.conv.groups
-        shape = w.shape
-        w = w.view(g, shape[0] // g, shape[1], *shape[2:]) * s.view(g, 1, shape[1], *([1] * (w.dim() - 2)))
-        return w.view(shape)
-    return w * s.view((-1,) + (1,) * (w.dim() - 1))
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], names, what="model"):

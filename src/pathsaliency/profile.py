@@ -12,7 +12,8 @@ import weakref
 import torch
 import torch.nn as nn
 
-from .passes import Scaled, norm_pass
+from .interpreter import norm_pass
+from .scaled import detach
 
 
 class Profile:
@@ -30,7 +31,7 @@ class Profile:
             total = env[plan.output].t.sum(dtype=torch.float64)
             grads = torch.autograd.grad(total, list(outs.values()), allow_unused=True) if outs else []
         self.log2_norm = float(log2.detach()[0])
-        self.cache = {n: _detach(v) for n, v in env.items()}
+        self.cache = {n: detach(v) for n, v in env.items()}
         self.grads = {n: (g if g is not None else torch.zeros_like(t)) for (n, t), g in zip(outs.items(), grads)}
         self.channel_loss, self.bias_loss = {}, {}
         for node, g in self.grads.items():
@@ -48,14 +49,6 @@ class Profile:
                 self.bias_loss[node] = b.to(torch.float64) * scale * per_channel / total.detach()
             else:
                 self.bias_loss[node] = torch.zeros_like(self.channel_loss[node])
-
-
-def _detach(v):
-    if isinstance(v, Scaled):
-        return Scaled(v.t.detach(), v.e)
-    if isinstance(v, tuple) and v and isinstance(v[0], Scaled):
-        return tuple(_detach(x) for x in v)
-    return v
 
 
 _PROFILES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()

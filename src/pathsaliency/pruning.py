@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import steps
 from .saliency import path_magnitude
 
 CRITERIA = ("path-magnitude", "magnitude")
@@ -18,7 +18,7 @@ def prunable_weights(model: nn.Module, exclude: Callable[[str, torch.Tensor], bo
     ``exclude(name, tensor)``. Frozen weights (e.g. a fixed-weight shortcut) are structure, not theta to prune."""
     names = []
     for mname, mod in model.named_modules():
-        if isinstance(mod, ops.CONV_MODULES + ops.CONV_TRANSPOSE_MODULES + ops.LINEAR_MODULES):
+        if isinstance(mod, steps.WEIGHT_MODULES):
             name = f"{mname}.weight"
             if mod.weight.requires_grad and not (exclude and exclude(name, mod.weight)):
                 names.append(name)

@@ -16,25 +16,9 @@ import copy
 import torch
 import torch.nn as nn
 
-from . import ops
 from .lifting import lift
-
-_POOLS = ops.AVG_MODULES + ops.ADAPTIVE_AVG_MODULES
-_POOL_FUNCTIONS = ops.AVG_FUNCTIONS | ops.ADAPTIVE_AVG_FUNCTIONS
-
-
-def _passthrough(action) -> str | None:
-    """'keep' for an operator that commutes with a positive per-channel factor, 'flatten' for a flatten,
-    None otherwise."""
-    if isinstance(action, (ops.Identity, ops.WindowSum, ops.AdaptiveWindowSum)):
-        return "keep"
-    if isinstance(action, ops.Same) and not action.combines:
-        fn = action.fn
-        if isinstance(fn, _POOLS) or fn in _POOL_FUNCTIONS:
-            return "keep"
-        if isinstance(fn, nn.Flatten) or fn is torch.flatten:
-            return "flatten"
-    return None
+from .ops import ChannelMap
+from .steps import ConvStep, ConvTransposeStep, LinearStep
 
 
 def rescalable_channels(plan) -> list:
@@ -45,7 +29,7 @@ def rescalable_channels(plan) -> list:
         readers.setdefault(step.input, []).append(step)
     out = []
     for step in plan.steps:
-        if step.kind not in ("conv", "linear") or step.module in plan.shared:
+        if not isinstance(step, (ConvStep, LinearStep)) or step.module in plan.shared:
             continue
         consumers, frontier, ok = [], [(step.node, False)], True
         while frontier and ok:
@@ -54,20 +38,21 @@ def rescalable_channels(plan) -> list:
                 ok = False
                 break
             for s in readers.get(node, []):
-                if s.kind not in ("conv", "conv_transpose", "linear") or s.module in plan.shared:
+                if not isinstance(s, (ConvStep, ConvTransposeStep, LinearStep)) or s.module in plan.shared:
                     ok = False
-                elif flat and s.kind != "linear":
+                elif flat and not isinstance(s, LinearStep):
                     ok = False
                 else:
                     consumers.append((s, flat))
             for user in node.users:
                 if user in plan.absorbed or user in plan.affine:
                     continue  # a conv/linear reading this node: handled through ``readers``
-                kind = _passthrough(plan.actions.get(user))
-                if kind is None or (flat and kind != "keep"):
+                action = plan.actions.get(user)
+                channels = action.channels if action is not None else None
+                if channels not in (ChannelMap.KEEP, ChannelMap.FLATTEN) or (flat and channels is not ChannelMap.KEEP):
                     ok = False
                     break
-                frontier.append((user, flat or kind == "flatten"))
+                frontier.append((user, flat or channels is ChannelMap.FLATTEN))
         if ok and consumers:
             out.append((step, consumers))
     return out
@@ -96,25 +81,10 @@ def random_rescale(model: nn.Module, factors=(1, 128, 4096), generator: torch.Ge
                 if f"{step.module}.bias" in params:
                     _scale_rows(params[f"{step.module}.bias"], lam)
             for s, flat in consumers:
-                _scale_inputs(s, params[f"{s.module}.weight"], 1.0 / lam, flat)
+                w = params[f"{s.module}.weight"]
+                s.scale_inputs(w, (1.0 / lam).to(w.dtype).to(w.device), flat)
     return copied
 
 
 def _scale_rows(p, lam):
     p.mul_(lam.to(p.dtype).to(p.device).view((-1,) + (1,) * (p.dim() - 1)))
-
-
-def _scale_inputs(step, w, inv, flat):
-    inv = inv.to(w.dtype).to(w.device)
-    if step.kind == "linear":
-        k = w.shape[1] // len(inv) if flat else 1
-        if k * len(inv) != w.shape[1]:
-            raise ValueError(f"cannot map {len(inv)} channels onto the {w.shape[1]} inputs of '{step.module}'")
-        w.mul_(inv.repeat_interleave(k).view(1, -1))
-    elif step.kind == "conv_transpose":  # weight: (in, out / groups, *k)
-        w.mul_(inv.view((-1,) + (1,) * (w.dim() - 1)))
-    else:  # weight: (out, in / groups, *k); input channel c = group * (in / groups) + local
-        g = step.conv.groups
-        out, per = w.shape[0], w.shape[1]
-        view = w.view(g, out // g, per, *w.shape[2:])
-        view.mul_(inv.view(g, 1, per, *([1] * (w.dim() - 2))))

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import ops, params
+from . import params
 from .errors import PathSaliencyError
 from .lifting import compute_dtype, lift
 from .norm import PathValue
-from .passes import Scaled, Weights, norm_pass, removal_pass
+from .interpreter import norm_pass, removal_pass
+from .ops import ChannelMap
 from .profile import profile
+from .scaled import Scaled
+from .steps import BatchNormStep, Weights
 
 
 class Scores(dict):
@@ -42,7 +45,7 @@ def _affine_weights_with_grad(lifted, model, dtype):
     for node, (w, b) in lifted.signed(model, dtype).items():
         step = lifted.plan.affine[node]
         if step.module is None:
-            weights[node] = Weights(w.abs(), None if b is None else b.abs())
+            weights[node] = Weights.absolute(w, b)
             continue
         leaf = leaves.get(step.module)
         if leaf is None:
@@ -51,7 +54,7 @@ def _affine_weights_with_grad(lifted, model, dtype):
         a = leaf
         if step.bn is not None:
             s, _ = params.bn_affine(step, tensors, dtype, lifted.device)
-            a = params.scale_outputs(step, leaf, s.abs())
+            a = step.scale_outputs(leaf, s.abs())
         weights[node] = Weights(a, None if b is None else b.abs())
     return weights, leaves
 
@@ -202,7 +205,7 @@ def _dependents(plan, prof, masks, in_masks):
         src = ids[ch]
         return bool((src >= 0).all()) and bool(removed[j, src.clamp_min(0)].all())
 
-    deps = {n for n in masked if plan.affine[n].kind == "bn" and plan.affine[n].module is None
+    deps = {n for n in masked if isinstance(plan.affine[n], BatchNormStep)
             and covered(plan.affine[n].input, masks[n])}
     roots = [n for n in masked if n not in deps]
     for r in roots:
@@ -225,43 +228,24 @@ def _channel_origins(plan, prof, roots) -> dict:
     for n in plan.nodes:
         if n in ids or n in plan.static or n in plan.affine:
             continue
-        action = plan.actions.get(n)
+        action = plan.actions.get(n)  # None for the input and the output node
+        channels = action.channels if action is not None else None
         inputs = [a for a in n.all_input_nodes if a not in plan.static]
-        if _keeps_channels(action) and inputs and inputs[0] in ids:
+        if channels is ChannelMap.KEEP and inputs and inputs[0] in ids:
             ids[n] = ids[inputs[0]]
-        elif isinstance(action, ops.Same) and action.fn in ops.CAT_FUNCTIONS and action.fn is not torch.stack:
-            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            parts = n.args[0]
-            if dim == 1 and any(p in ids for p in parts):
-                ids[n] = torch.cat([ids[p] if p in ids else torch.full((prof.cache[p].t.shape[1],), -1)
-                                    for p in parts])
-        elif _is_flatten(action) and inputs and inputs[0] in ids:
+        elif channels is ChannelMap.CONCAT and any(p in ids for p in n.args[0]):
+            ids[n] = torch.cat([ids[p] if p in ids else torch.full((prof.cache[p].t.shape[1],), -1)
+                                for p in n.args[0]])
+        elif channels is ChannelMap.FLATTEN and inputs and inputs[0] in ids:
             t = prof.cache[inputs[0]].t
             ids[n] = ids[inputs[0]].repeat_interleave(t[0].numel() // t.shape[1])
     return ids
 
 
-def _keeps_channels(action) -> bool:
-    if isinstance(action, (ops.Identity, ops.WindowSum, ops.AdaptiveWindowSum)):
-        return True
-    if isinstance(action, ops.Same) and not action.combines:
-        fn = action.fn
-        return isinstance(fn, ops.AVG_MODULES + ops.ADAPTIVE_AVG_MODULES) or fn in ops.AVG_FUNCTIONS \
-            or fn in ops.ADAPTIVE_AVG_FUNCTIONS
-    return False
-
-
-def _is_flatten(action) -> bool:
-    if not isinstance(action, ops.Same):
-        return False
-    fn = action.fn
-    return (isinstance(fn, nn.Flatten) and fn.start_dim == 1) or fn is torch.flatten
-
-
 def _step_of(lifted, module):
     steps = lifted.plan.module_steps(module)
     if not steps:
-        raise PathSaliencyError(f"'{module}' is not a conv, linear or batch-norm layer that the output depends on")
+        raise PathSaliencyError(lifted.plan.not_a_step(module))
     if len(steps) > 1:
         raise PathSaliencyError(f"'{module}' is called {len(steps)} times in one forward pass: removing its channels "
                                 "removes neurons at several places; structured scores for shared modules are not supported")

@@ -1,0 +1,86 @@
+"""Activations with a per-sample power-of-two scale: ``t * 2**e`` (MATH.md section 5).
+
+After each operator that can grow values the tensor is divided by the power of two nearest above its
+maximum and ``e`` keeps the count. Powers of two make the rescaling exact, so nothing overflows and
+rescaling invariance stays bit-exact. All tensors are non-negative; nothing is ever subtracted.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Scaled:
+    """``t * 2**e``: ``t`` of shape ``(B, ...)``, ``e`` of shape ``(B,)`` (integer-valued floats).
+
+    Deliberately not a tuple, so that ``torch.fx`` argument mapping treats it as one leaf."""
+
+    __slots__ = ("t", "e")
+
+    def __init__(self, t: torch.Tensor, e: torch.Tensor):
+        self.t, self.e = t, e
+
+    def expand(self, num: int) -> "Scaled":
+        """The same value for ``num`` samples (a broadcast view when it holds one)."""
+        if self.t.shape[0] == num:
+            return self
+        return Scaled(self.t.expand(num, *self.t.shape[1:]), self.e.expand(num))
+
+    def detach(self) -> "Scaled":
+        return Scaled(self.t.detach(), self.e)
+
+
+def pow2(k: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``2**k`` per sample, shaped to broadcast over a tensor of ``ndim`` dimensions."""
+    return torch.exp2(k).view((-1,) + (1,) * (ndim - 1))
+
+
+def renorm(x: Scaled) -> Scaled:
+    """Divide each sample by the power of two just above its maximum (exact), count it in ``e``."""
+    t = x.t
+    m = t.detach().reshape(t.shape[0], -1).amax(1) if t.dim() > 1 else t.detach()
+    _, k = torch.frexp(m)
+    k = k.to(t.dtype)
+    return Scaled(t * pow2(-k, t.dim()), x.e + k)
+
+
+def align(values):
+    """Bring several scaled tensors to a common exponent: returns the raw tensors and the exponent."""
+    if len(values) == 1:
+        return [values[0].t], values[0].e
+    e = values[0].e
+    for v in values[1:]:
+        e = torch.maximum(e, v.e)
+    return [v.t * pow2(v.e - e, v.t.dim()) for v in values], e
+
+
+def total(terms) -> Scaled:
+    """The renormalised sum of several scaled tensors (None terms are zero)."""
+    raws, e = align([t for t in terms if t is not None])
+    out = raws[0]
+    for r in raws[1:]:
+        out = out + r
+    return renorm(Scaled(out, e))
+
+
+def log2_total(x: Scaled) -> torch.Tensor:
+    """``log2`` of the sum of each sample's entries (float64, shape ``(B,)``)."""
+    s = x.t.reshape(x.t.shape[0], -1).sum(1, dtype=torch.float64)
+    return torch.log2(s) + x.e.to(torch.float64)
+
+
+def raw(v):
+    """The raw tensor(s) of a scaled value (a tuple of scaled values from chunk/split), else ``v``."""
+    if isinstance(v, Scaled):
+        return v.t
+    if isinstance(v, tuple) and v and isinstance(v[0], Scaled):
+        return tuple(x.t for x in v)
+    return v
+
+
+def detach(v):
+    """A scaled value (or tuple of them) cut from the autograd graph; anything else as is."""
+    if isinstance(v, Scaled):
+        return v.detach()
+    if isinstance(v, tuple) and v and isinstance(v[0], Scaled):
+        return tuple(x.detach() for x in v)
+    return v
