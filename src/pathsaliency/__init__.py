@@ -11,11 +11,12 @@ from .pruning import prune_unstructured
 from .rescale import random_rescale
 from .report import RobustnessReport, robustness_report
 from .saliency import Removal, Scores, channel_saliency, path_magnitude
+from .theta import Theta
 
 __all__ = [
     "path_norm", "path_metric", "layer_distances", "lipschitz_bound", "PathValue", "PathMetric",
     "random_rescale", "path_magnitude", "prune_unstructured", "channel_saliency", "Removal", "Scores",
     "PathSaliencyError", "UnsupportedModelError", "ArchitectureMismatchError",
-    "robustness_report", "RobustnessReport",
+    "robustness_report", "RobustnessReport", "Theta",
 ]
 __version__ = "0.1.0"
