@@ -12,17 +12,17 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from . import compressed
 from .errors import ArchitectureMismatchError, PathSaliencyError
 
 
 def named_tensors(source) -> Mapping[str, torch.Tensor]:
-    """Parameters and buffers of a module by qualified name (shared tensors under every name), or a
-    state dict as given."""
+    """The tensors a module computes with by qualified name (:func:`compressed.module_tensors`: refuses a
+    compressed model it cannot read), or a state dict as given (refused if it holds integer weights)."""
     if isinstance(source, nn.Module):
-        out = dict(source.named_parameters(remove_duplicate=False))
-        out.update(source.named_buffers(remove_duplicate=False))
-        return out
+        return compressed.module_tensors(source)
     if isinstance(source, Mapping):
+        compressed.check_storage(source, "state dict")
         return source
     raise TypeError(f"expected an nn.Module or a mapping of parameter names to tensors, got {type(source).__name__}")
 
