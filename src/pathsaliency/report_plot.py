@@ -10,11 +10,21 @@ from __future__ import annotations
 import math
 
 _RECIPES_HINT = "pip install 'pathsaliency[recipes]'"
+RIGHT_PANEL_IN = 3.4  # width of the whole-model panel, inches
 
 
 def plot_report(report, path) -> None:
-    """A PNG: per-layer certified distance (log scale) next to the observed deviation and the
-    certified bound of the whole model."""
+    """Write :func:`report_figure` of ``report`` to ``path`` (PNG, 100 dpi)."""
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(report)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_figure(report):
+    """The matplotlib figure: per-layer certified distance (log scale) next to the observed deviation
+    and the certified bound of the whole model."""
     try:
         import matplotlib
         matplotlib.use("Agg", force=False)
@@ -28,8 +38,9 @@ def plot_report(report, path) -> None:
     def val(v, log10):
         return log10 if as_log10 else v
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(9.0, 5.0 + 0.35 * len(layers)), 5.5),
-                                   gridspec_kw={"width_ratios": [max(3.0, 0.35 * len(layers)), 2.5]})
+    left = max(3.6, 0.35 * len(layers))  # inches; the right panel keeps its own width so its title fits
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(left + RIGHT_PANEL_IN + 2.0, 6.0),
+                                   gridspec_kw={"width_ratios": [left, RIGHT_PANEL_IN]})
     unit = "log10 " if as_log10 else ""
     if layers:
         ax1.bar(range(len(layers)), [val(l.distance, l.log10_distance) for l in layers], width=0.7,
@@ -70,11 +81,10 @@ def plot_report(report, path) -> None:
         ax2.set_yscale("log")
     ax2.set_ylabel(f"{unit}‖R_θ(x) − R_θ'(x)‖₁")
     ax2.set_title(f"Whole model\n(observed / certified ≤ {report.observed_to_certified:.2g} per sample)", fontsize=10)
-    fig.suptitle(f"Robustness report{': ' + report.name if report.name else ''}  "
-                 f"(D/‖Φ(θ)‖₁ = {report.relative_distance:.3g}, {'exact' if report.exact else 'upper bound'})")
+    fig.suptitle(f"Robustness report{': ' + report.name if report.name else ''}\n"
+                 f"D/‖Φ(θ)‖₁ = {report.relative_distance:.3g} ({'exact' if report.exact else 'upper bound'})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _log10(v: float) -> float:
