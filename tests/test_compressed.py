@@ -49,6 +49,8 @@ def _refused(reference, compressed, x, match, state_dict_error=CompressedModelEr
     for call in (lambda: ps.path_metric(reference, compressed, SHAPE),
                  lambda: ps.path_metric(compressed, reference, SHAPE),
                  lambda: ps.path_norm(compressed, SHAPE),
+                 lambda: ps.path_magnitude(compressed, SHAPE),
+                 lambda: ps.prune_unstructured(compressed, 0.5, SHAPE),
                  lambda: ps.layer_distances(reference, compressed, SHAPE),
                  lambda: ps.Theta.from_module(compressed),
                  lambda: ps.robustness_report(reference, compressed, x, per_layer=False)):
