@@ -163,3 +163,26 @@ def test_theta_of_another_architecture_is_refused():
     other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).double()
     with pytest.raises(ArchitectureMismatchError):
         ps.path_metric(_net(), Theta.from_module(other), SHAPE)
+
+
+def test_to_module_computes_with_theta(assert_untouched):
+    """The weights-only model: folded layers load exactly (refolding it gives theta back bit for bit) and
+    compute what the module with those layers changed computes; state-dict layers load as given."""
+    m, other = _net(), _perturbed(_net())
+    changed = Theta.from_module(other).layers
+    theta = Theta.from_folded(m, {k: changed[k] for k in ("conv1", "bn_skip", "fc")})
+    with assert_untouched(m, other):
+        plain = theta.to_module()
+    assert plain is not m
+    refolded = Theta.from_module(plain).layers
+    for name, (w, b) in theta.layers.items():
+        assert torch.equal(refolded[name][0], w) and torch.equal(refolded[name][1], b), name
+    mixed = copy.deepcopy(m)
+    mixed.load_state_dict({**m.state_dict(), **{k: v for k, v in other.state_dict().items()
+                                                if k.split(".")[0] in ("conv1", "bn1", "bn_skip", "fc", "bn_fc")}})
+    x = torch.randn(5, *SHAPE, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), mixed(x), rtol=1e-12, atol=1e-12)
+    from_sd = Theta.from_state_dict(m, other.state_dict()).to_module()
+    for k, v in other.state_dict().items():
+        assert torch.equal(from_sd.state_dict()[k], v), k

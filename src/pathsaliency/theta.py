@@ -14,6 +14,7 @@ computation in float32 rounds them once.
 """
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import torch
@@ -35,11 +36,14 @@ class Theta:
     ``layers`` maps each step name to its ``(W, b)``.
     """
 
-    def __init__(self, reference: nn.Module, by_node: dict, output=None):
-        """Use the ``from_*`` constructors. ``by_node``: graph node name -> float64 ``(W, b)``."""
+    def __init__(self, reference: nn.Module, by_node: dict, output=None, unfolded=None, folded=()):
+        """Use the ``from_*`` constructors. ``by_node``: graph node name -> float64 ``(W, b)``;
+        ``unfolded``: the step tensors (by name) that the layers not in ``folded`` were folded from."""
         self.reference = reference
         self.output = output
         self._by_node = by_node
+        self._unfolded = unfolded
+        self._folded = frozenset(folded)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -54,10 +58,16 @@ class Theta:
         architecture of ``reference``; batch-norm folded."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of tensor names to tensors, got {type(state_dict).__name__}")
-        lifted = lift(reference, output)
         mine = params.named_tensors(reference)
+        unknown = [k for k in state_dict if k not in mine]
+        if unknown:
+            raise ArchitectureMismatchError(f"the state dict has tensors the reference does not: {unknown[:5]}"
+                                            f"{' ...' if len(unknown) > 5 else ''}")
+        bad = next((k for k, v in state_dict.items() if not torch.is_tensor(v)), None)
+        if bad is not None:
+            raise TypeError(f"state_dict['{bad}'] is a {type(state_dict[bad]).__name__}, not a tensor")
         theirs = params.named_tensors(state_dict)
-        for step in lifted.plan.steps:
+        for step in lift(reference, output).plan.steps:
             for name in params.step_tensor_names(step):
                 a, b = mine.get(name), theirs.get(name)
                 if a is None and b is None:
@@ -102,15 +112,19 @@ class Theta:
                      None if b is None else _as_float64(name, "b", b, ref_w.device))
             for step in group:
                 by_node[step.node.name] = value
-        return cls(reference, by_node, output)
+        return cls(reference, by_node, output, base._unfolded, layers)
 
     @classmethod
     def _folded_from(cls, reference, source, output) -> "Theta":
         """Fold ``source`` (``reference`` itself or a checked state dict for it) with params.py."""
-        signed = lift(reference, output).signed(source, _DTYPE)
+        lifted = lift(reference, output)
+        signed = lifted.signed(source, _DTYPE)
         by_node = {node.name: (w.detach().clone(), None if b is None else b.detach().clone())
                    for node, (w, b) in signed.items()}
-        return cls(reference, by_node, output)
+        tensors = params.named_tensors(source)
+        unfolded = {n: tensors[n].detach().clone() for s in lifted.plan.steps for n in params.step_tensor_names(s)
+                    if n in tensors}
+        return cls(reference, by_node, output, unfolded)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -137,9 +151,64 @@ class Theta:
             out[node] = (w.to(device=device, dtype=dtype), None if b is None else b.to(device=device, dtype=dtype))
         return out
 
+    def to_module(self) -> nn.Module:
+        """The *weights-only model*: a copy of ``reference`` that computes with theta. Layers built from a
+        module or a state dict hold those tensors as given; a layer given folded holds ``(W, b)`` in its
+        conv/linear and its batch-norm becomes the exact identity plus ``b`` (mean ``-b``, variance 1,
+        ``eps`` 0, scale 1, shift 0)."""
+        model = copy.deepcopy(self.reference)
+        target = dict(model.named_parameters(remove_duplicate=False))
+        target.update(model.named_buffers(remove_duplicate=False))
+        modules = dict(model.named_modules())
+        written = {}
+        with torch.no_grad():
+            for step in lift(self.reference, self.output).plan.steps:
+                if step.name not in self._folded:
+                    for name in params.step_tensor_names(step):
+                        if name in self._unfolded:
+                            _write(target, name, self._unfolded[name], step.name)
+                    continue
+                w, b = self._by_node[step.node.name]
+                if written.setdefault(step.name, step.node.name) != step.node.name:
+                    continue  # a module called again: from_folded gave all its calls one (W, b)
+                if step.module is None:  # a standalone batch-norm: s * (x - 0) / sqrt(1 + 0) + t
+                    bn = modules[step.bn]
+                    _write(target, f"{step.bn}.weight", w, step.name)
+                    _write(target, f"{step.bn}.bias", b, step.name)
+                    _identity_statistics(target, bn, step.bn, None, step.name)
+                    continue
+                _write(target, f"{step.module}.weight", w, step.name)
+                if step.bn is None:
+                    if b is not None:
+                        _write(target, f"{step.module}.bias", b, step.name)
+                    continue
+                if f"{step.module}.bias" in target:
+                    target[f"{step.module}.bias"].zero_()
+                bn = modules[step.bn]
+                for k in ("weight", "bias"):
+                    if f"{step.bn}.{k}" in target:
+                        target[f"{step.bn}.{k}"].fill_(1.0 if k == "weight" else 0.0)
+                _identity_statistics(target, bn, step.bn, b, step.name)
+        return model
+
     def __repr__(self) -> str:
         n = sum(w.numel() + (0 if b is None else b.numel()) for w, b in self.layers.values())
         return f"Theta({type(self.reference).__name__}, {len(self.layers)} layers, {n} coordinates)"
+
+
+def _write(target, name, value, layer):
+    if name not in target:
+        raise PathSaliencyError(f"Theta.to_module: the reference has no plain tensor '{name}' (layer '{layer}'); "
+                                "build the Theta on a plain (unpruned, unparametrized) reference")
+    target[name].copy_(value.to(target[name]))
+
+
+def _identity_statistics(target, bn, name, shift, layer):
+    """Batch-norm statistics for ``(x - mean) / sqrt(var + eps) = x + shift`` exactly (``shift`` None: 0)."""
+    mean = f"{name}.running_mean"
+    _write(target, mean, torch.zeros_like(target[mean]) if shift is None else -shift, layer)
+    target[f"{name}.running_var"].fill_(1.0)
+    bn.eps = 0.0
 
 
 def _pair(name, value):
