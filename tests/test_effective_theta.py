@@ -196,6 +196,11 @@ def test_inc_static_int8(resnet20, images, assert_untouched):
         ps.path_metric(resnet20, q, SHAPE)
     _same_distance(resnet20, theta, _inc_folded_plain(resnet20, q))
     _bound_holds(resnet20, theta, pinc.disable_activation_quantizers(q), images)
+    # mixed precision from the certificate, as set_local overrides (autotune candidates, smallest first)
+    configs = pinc.float_layer_configs(resnet20, q, SHAPE, [0.6, 0.25, 0.4])
+    chosen = [pinc.keep_float_by_certificate(resnet20, q, SHAPE, size) for size in (0.25, 0.4, 0.6)]
+    assert [sorted(c.local_config) for c in configs] == [sorted(k) for k in chosen]
+    assert chosen[0] == [] and 0 < len(chosen[1]) <= len(chosen[2])
     # the state-dict view (batch norms unfolded in float32) certifies the same network up to that rounding
     unfolded = ps.path_metric(resnet20, pinc.effective_weights(q, resnet20), SHAPE)
     assert unfolded.relative == pytest.approx(ps.path_metric(resnet20, theta, SHAPE).relative, rel=1e-5)

@@ -23,7 +23,7 @@ except ImportError as e:  # pragma: no cover - exercised only without INC
 from .._weights import load_effective_weights
 from .autotune import (CertifiedObjective, CertifiedTuningResult, NoCertifiedConfigError, autotune_certified,
                        certified_eval_fn)
-from .precision import float_layers_config, keep_float_by_certificate
+from .precision import float_layer_configs, float_layers_config, keep_float_by_certificate
 from .quantize import quantize_static_int8, quantize_weight_only
 from .readback import disable_activation_quantizers, effective_theta, effective_weights
 
@@ -31,5 +31,5 @@ __all__ = [
     "quantize_static_int8", "quantize_weight_only", "effective_theta", "effective_weights",
     "disable_activation_quantizers", "load_effective_weights", "certified_eval_fn", "CertifiedObjective",
     "autotune_certified", "CertifiedTuningResult", "NoCertifiedConfigError", "keep_float_by_certificate",
-    "float_layers_config",
+    "float_layers_config", "float_layer_configs",
 ]

@@ -3,7 +3,8 @@
 ``keep_float_by_certificate`` reads the all-quantized graph back (``effective_theta``), takes every
 single-layer certified distance from ``pathsaliency.layer_distances`` and chooses the float layers with
 ``integrations._precision.choose_float_layers``; ``float_layers_config`` writes the choice as INC's
-``set_local`` overrides, for ``quantize_static_int8`` or as a candidate of ``autotune_certified``.
+``set_local`` overrides, for ``quantize_static_int8(..., config=...)``; ``float_layer_configs`` gives one
+such config per size budget, the candidates of ``autotune_certified`` from the most to the least aggressive.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pathsaliency
 from .._precision import choose_float_layers
 from .readback import effective_theta
 
-__all__ = ["keep_float_by_certificate", "float_layers_config"]
+__all__ = ["keep_float_by_certificate", "float_layers_config", "float_layer_configs"]
 
 
 def float_layers_config(float_layers: Sequence[str], **config_kwargs: Any) -> StaticQuantConfig:
@@ -27,6 +28,14 @@ def float_layers_config(float_layers: Sequence[str], **config_kwargs: Any) -> St
     for name in float_layers:
         config.set_local(name, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
     return config
+
+
+def _distances(reference, compressed, input_shape, example_inputs, output) -> dict:
+    """Single-layer certified distances of the conv/linear layers ``compressed`` changed."""
+    theta = effective_theta(compressed, reference, example_inputs=example_inputs)
+    distances = pathsaliency.layer_distances(reference, theta, input_shape, output=output)
+    return {n: d for n, d in distances.items() if d.log2 > float("-inf")
+            and isinstance(getattr(reference.get_submodule(n), "weight", None), nn.Parameter)}
 
 
 def keep_float_by_certificate(
@@ -43,10 +52,27 @@ def keep_float_by_certificate(
     float size and the summed single-layer certified distance of the quantized rest is smallest.
 
     ``compressed``: ``reference`` with every layer quantized by INC (e.g. ``quantize_static_int8``); its
-    single-layer distances ``D_l`` rank the layers, see ``choose_float_layers``.
+    single-layer distances ``D_l`` (``layer_distances(reference, effective_theta(compressed, reference))``)
+    rank the layers, see ``choose_float_layers``.
     """
-    theta = effective_theta(compressed, reference, example_inputs=example_inputs)
-    distances = pathsaliency.layer_distances(reference, theta, input_shape, output=output)
-    candidates = {n: d for n, d in distances.items() if d.log2 > float("-inf")
-                  and isinstance(getattr(reference.get_submodule(n), "weight", None), nn.Parameter)}
-    return choose_float_layers(reference, candidates, max_size, bits=bits)
+    distances = _distances(reference, compressed, input_shape, example_inputs, output)
+    return choose_float_layers(reference, distances, max_size, bits=bits)
+
+
+def float_layer_configs(
+    reference: nn.Module,
+    compressed: nn.Module,
+    input_shape: Any,
+    sizes: Sequence[float],
+    *,
+    bits: int = 8,
+    example_inputs: Any = None,
+    output: Any = None,
+    **config_kwargs: Any,
+) -> List[StaticQuantConfig]:
+    """``[float_layers_config(keep_float_by_certificate(..., size)) for size in sorted(sizes)]`` from one
+    ``layer_distances`` pass: candidates for ``autotune_certified(reference, configs, ...)``, smallest
+    size (most aggressive) first, so autotune stops at the smallest model within its certified tolerance."""
+    distances = _distances(reference, compressed, input_shape, example_inputs, output)
+    return [float_layers_config(choose_float_layers(reference, distances, size, bits=bits), **config_kwargs)
+            for size in sorted(sizes)]
