@@ -46,34 +46,23 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _shape(text):
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas, e.g. 3,224,224")
-    return shape
+def _checked(convert, ok, expected):
+    """An argparse type: ``convert(text)``, refused in one line naming ``expected`` unless ``ok`` of it."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+    return parse
 
 
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction between 0 and 1, e.g. 0.5")
-    return value
-
-
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
+_shape = _checked(lambda text: tuple(int(v) for v in text.replace("x", ",").split(",")), lambda s: min(s) >= 1,
+                  "positive integers separated by commas, e.g. 3,224,224")
+_fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1, e.g. 0.5")
+_positive = _checked(int, lambda v: v >= 1, "a positive integer")
 
 
 MODEL_HELP = (f"the model: {SPEC_HELP}. Weights: cifar loads its pretrained ones (packaged, or from $PATHSALIENCY_SHARED); torchvision and "
