@@ -69,12 +69,12 @@ MODEL_HELP = (f"the model: {SPEC_HELP}. Weights: cifar loads its pretrained ones
               "<module>:<function> models have RANDOM weights (seeded by --seed) unless --checkpoint or --pretrained")
 
 
-def _add_weights(p, checkpoint=True):
+def _add_weights(p, checkpoint=True, files="checkpoints"):
     if checkpoint:
         p.add_argument("--checkpoint", metavar="FILE", help="weights to load: a state dict (also under 'state_dict' "
                        "or 'model', 'module.' prefixes stripped), loaded weights-only")
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="load checkpoints with pickled code too (torch.load weights_only=False; accepts a whole "
+                   help=f"load {files} with pickled code too (torch.load weights_only=False; accepts a whole "
                         "torch.save(model)); runs that code: only for files you trust")
     p.add_argument("--pretrained", action="store_true", help="torchvision: the default pretrained weights (internet)")
     p.add_argument("--seed", type=int, default=0, help="seed of torch's generator while a model is built")
@@ -136,7 +136,8 @@ class _Steps:
     def __call__(self, name: str):
         """Step ``name`` starts (the previous one is done)."""
         if self.bar is not None:
-            self.bar.update(1 if self.started else 0)
+            if self.started:
+                self.bar.update(1)
             self.bar.set_postfix_str(name)
         self.started += 1
 
@@ -207,7 +208,7 @@ def cmd_metric(args):
         print(f"D = {result.value:.6g} (log10 = {result.log10:.6f}, {kind}); D / ||Phi|| = {result.relative:.3g}")
 
 
-def _report_data(spec):
+def _report_data(spec, trust=False):
     """``--data`` of ``report``: the CIFAR-10 sample/test/train set or a .pt file holding a tensor of inputs
     (optionally with labels, as a pair), in batches of ``REPORT_BATCH``."""
     splits = {"cifar10-sample": ("test", "sample"), "cifar10-test": ("test", "auto"), "cifar10-train": ("train", "auto")}
@@ -227,7 +228,7 @@ def _report_data(spec):
     if not Path(spec).is_file():
         raise ValueError(f"--data {spec!r}: expected cifar10-sample, cifar10-test, cifar10-train or the path of a "
                          ".pt file holding a tensor of inputs")
-    obj = torch_load(spec, what="--data")
+    obj = torch_load(spec, trust, what="--data")
     labels = None
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(torch.is_tensor(t) for t in obj):
         obj, labels = obj
@@ -243,7 +244,7 @@ def cmd_report(args):
 
     _writable_folder(args.out)
     obj = load_checkpoint(args.compressed, args.trust_checkpoint)
-    data = _report_data(args.data)
+    data = _report_data(args.data, args.trust_checkpoint)
     reference = _model(args, args.reference, args.checkpoint)
     if isinstance(obj, torch.nn.Module):
         compressed = obj.eval()
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar10-sample (1,000 packaged images), cifar10-test, cifar10-train, or a .pt file holding "
                         f"a tensor of inputs (or an (inputs, labels) pair), used in batches of {REPORT_BATCH}")
     p.add_argument("--checkpoint", metavar="FILE", help="weights of the reference model, loaded weights-only")
-    _add_weights(p, checkpoint=False)
+    _add_weights(p, checkpoint=False, files="checkpoints and --data files")
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="shape of one input sample (default: the data's)")
     p.add_argument("--out", default=".", help="folder for report.json, report.md and report.png")
     p.add_argument("--max-batches", type=_positive, help=f"use at most this many batches of {REPORT_BATCH} samples "
