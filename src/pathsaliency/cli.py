@@ -7,9 +7,10 @@ CIFAR-10 through one.
 
 Contract: bad input (a model that does not build, a checkpoint that is missing, truncated, holds pickled
 code without ``--trust-checkpoint`` or does not fit the model, a wrong ``--input-shape`` ...) prints one
-line ``pathsaliency: error: ...`` on stderr and exits with code 2, without a traceback and without
-writing any output file: outputs are written under a temporary name and renamed once everything
-succeeded. Random weights are said so on stderr.
+line ``pathsaliency: error: ...`` on stderr (a model that is not a ReLU-DAG: one more line per offending
+node) and exits with code 2, without a traceback and without writing any output file: ``prune`` and
+``report`` write under a temporary name and rename once everything succeeded; ``demo`` checks its
+options before it starts. Random weights are said so on stderr.
 """
 from __future__ import annotations
 
