@@ -132,7 +132,8 @@ class _Steps:
         if on:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=len(names), desc=desc, file=sys.stderr, leave=False)
+            self.bar = tqdm(total=len(names), desc=desc, file=sys.stderr, leave=False,
+                            bar_format="{l_bar}{bar}| step {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def __call__(self, name: str):
         """Step ``name`` starts (the previous one is done)."""
