@@ -24,6 +24,7 @@ from .errors import PathSaliencyError
 from .lifting import compute_dtype, lift
 from .norm import PathValue
 from .passes import Scaled, Weights, norm_pass, removal_pass
+from .precision import ieee_float32
 from .profile import profile
 
 
@@ -71,6 +72,7 @@ def _reentrant_modules(lifted) -> list:
     return bad
 
 
+@ieee_float32()
 def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.float32) -> Scores:
     """Per-weight path-magnitude scores of every conv/linear weight, keyed by parameter name.
 
@@ -126,6 +128,7 @@ class Removal:
     candidate: torch.Tensor
 
 
+@ieee_float32()
 def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: int, *, exact=True, output=None,
                      dtype=torch.float32, memory_budget=None, shard=None) -> torch.Tensor:
     """Relative path-metric lost by each of ``num_candidates`` structured removals (float64, CPU).
