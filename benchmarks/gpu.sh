@@ -12,7 +12,7 @@
 # PYTHON, OUT, DEVICE, SIZE, REPEAT, MODELS, GROUP_MODEL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT=${OUT:-out/gpu}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-224}
