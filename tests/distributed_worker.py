@@ -60,7 +60,10 @@ def main(out):
     rank = torch.distributed.get_rank()
     result = {"sharded": group_scores("auto"), "one": group_scores(None)}
     m = model()
-    g = groups(m)[0]
+    gs = groups(m)
+    result["explicit_group"] = [ps.channel_saliency(m, SHAPE, group_removals(g), len(g[0].idxs), memory_budget=BUDGET,
+                                                    shard=torch.distributed.group.WORLD) for g in gs]
+    g = gs[0]
     try:  # ranks that disagree on the call get an error, not a hang or a wrong number
         ps.channel_saliency(m, SHAPE, group_removals(g), len(g[0].idxs) + rank, memory_budget=BUDGET,
                             shard="auto")

@@ -109,6 +109,18 @@ def test_every_public_function_on_cuda_equals_cpu(assert_untouched):
             assert l_gpu[k].log2 == pytest.approx(l_cpu[k].log2, abs=1e-9)
         pruned, _ = ps.prune_unstructured(gpu, 0.5, SHAPE)
         assert next(pruned.parameters()).device.type == "cuda"
+        rescaled = ps.random_rescale(gpu, generator=torch.Generator().manual_seed(0))
+        assert next(rescaled.parameters()).device.type == "cuda"
+        assert ps.path_norm(rescaled, SHAPE, dtype=F64).log2 == pytest.approx(ps.path_norm(gpu, SHAPE, dtype=F64).log2,
+                                                                             abs=1e-10)
+        data = [(x, torch.zeros(len(x), dtype=torch.long))]
+        zeroed_cpu = copy.deepcopy(cpu)
+        zeroed_cpu.load_state_dict(zeroed)
+        r_cpu = ps.robustness_report(cpu, zeroed_cpu, data, input_shape=SHAPE)
+        r_gpu = ps.robustness_report(gpu, copy.deepcopy(zeroed_cpu).cuda(), data, input_shape=SHAPE)
+        assert r_gpu.exact and r_gpu.log10_distance == pytest.approx(r_cpu.log10_distance, abs=1e-9)
+        assert r_gpu.observed_max == pytest.approx(r_cpu.observed_max, rel=1e-4)
+        assert r_gpu.observed_max <= r_gpu.certified_bound
 
 
 @cuda_test

@@ -73,6 +73,7 @@ def test_two_gloo_ranks_return_exactly_the_one_process_scores(tmp_path):
             for i, ref in enumerate(reference[kind]):
                 assert torch.equal(got["sharded"][kind][i], ref), f"rank {r}, {kind}, group {i}: sharded != one process"
                 assert torch.equal(got["one"][kind][i], ref), f"rank {r}, {kind}, group {i}: rank alone != this process"
+        assert all(torch.equal(a, b) for a, b in zip(got["explicit_group"], reference["direct"]))
         assert got["disagree"] is not None and "disagree" in got["disagree"] and "rank 1: " in got["disagree"]
 
 
