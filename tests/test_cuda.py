@@ -160,6 +160,12 @@ def test_hot_loops_make_no_host_round_trips():
     print(f"host synchronisations (path_norm, path_magnitude, path_metric): {counts}")
     assert counts["resnet18"] == counts["resnet50"]  # independent of depth: none per layer
     assert counts["resnet18"][0] <= 2
+    pooled = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(5), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                           nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(32, 10)).cuda().eval()
+    ps.path_norm(pooled, SHAPE)
+    with _host_syncs() as n:
+        ps.path_norm(pooled, SHAPE)
+    assert n[0] == counts["resnet18"][0]  # adaptive max-pooling's window counts are made on the device
 
     cpu = _resnet("resnet18")
     removals, num = _stream_removals(cpu)
