@@ -14,15 +14,15 @@ Every node of the graph that the selected output depends on is classified as
 
 * the **input** (the first placeholder),
 * **static**: shape queries (``size``, ``shape``) and constants, evaluated as plain Python at run time,
-* an **affine step**: conv 1d/2d/3d, transposed conv, linear, or frozen batch-norm. A batch-norm whose
-  only input is a conv/linear used by nothing else is *folded* into it (MATH.md section 1); any other
-  batch-norm is a diagonal affine step of its own,
-* a **fixed action** from :mod:`pathsaliency.ops`,
-* or **refused**: then :class:`UnsupportedModelError` lists every refused node with the reason.
+* an **affine step** (:mod:`pathsaliency.steps`): conv 1d/2d/3d, transposed conv, linear, or frozen
+  batch-norm. A batch-norm whose only input is a conv/linear used by nothing else is *folded* into it
+  (MATH.md section 1); any other batch-norm is a diagonal affine step of its own,
+* a **fixed action** looked up in the registry of :mod:`pathsaliency.ops`,
+* or **refused**: then :class:`UnsupportedModelError` lists every refused node with the reason (for a
+  model that returns several tensors and no ``output=`` choice, every node that any output depends on).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -46,8 +46,10 @@ class _Tracer(fx.Tracer):
 
 
 def eval_view(module: nn.Module) -> nn.Module:
-    """A shallow copy of the module tree in evaluation mode, sharing parameters and buffers."""
-    view = copy.copy(module)
+    """A shallow copy of the module tree in evaluation mode, sharing parameters and buffers (built
+    without ``copy.copy``, which parametrized modules refuse)."""
+    view = object.__new__(type(module))  # not type(module).__new__: GraphModule.__new__ makes a new class
+    view.__dict__.update(module.__dict__)
     view.__dict__["_parameters"] = dict(module._parameters)
     view.__dict__["_buffers"] = dict(module._buffers)
     view.__dict__["_modules"] = {k: (eval_view(m) if m is not None else None) for k, m in module._modules.items()}
