@@ -17,6 +17,7 @@ import torch
 from .lifting import check_same_architecture, compute_dtype, lift
 from .norm import PathValue
 from .passes import Weights, coupled_pass
+from .precision import ieee_float32
 from .theta import Theta
 
 
@@ -57,7 +58,8 @@ def _log2_add(a: float, b: float) -> float:
 
 
 def _dominates(big: dict, small: dict) -> bool:
-    """``|small| <= |big|`` coordinatewise with compatible signs, for every step."""
+    """``|small| <= |big|`` coordinatewise with compatible signs, for every step (read back once)."""
+    ok = []
     for node, (w, b) in big.items():
         w2, b2 = small[node]
         for x, y in ((w, w2), (b, b2)):
@@ -65,9 +67,8 @@ def _dominates(big: dict, small: dict) -> bool:
                 continue
             x = torch.zeros_like(y) if x is None else x
             y = torch.zeros_like(x) if y is None else y
-            if not bool(((y.abs() <= x.abs()) & (x * y >= 0)).all()):
-                return False
-    return True
+            ok.append(((y.abs() <= x.abs()) & (x * y >= 0)).all())
+    return bool(torch.stack(ok).all()) if ok else True
 
 
 def _abs(w, b):
@@ -100,6 +101,7 @@ def _filled(ws: dict, like: dict) -> dict:
     return out
 
 
+@ieee_float32()
 def path_metric(model, other, input_shape, *, output=None, dtype=torch.float64) -> PathMetric:
     """The certified l1 path-metric ``D(theta, theta')`` between ``model`` and ``other``.
 
@@ -163,6 +165,7 @@ def lipschitz_bound(model, other, x, *, output=None, dtype=torch.float64) -> tor
     return torch.exp2(torch.log2(scale) + d.log2)
 
 
+@ieee_float32()
 def layer_distances(model, other, input_shape, *, output=None, dtype=torch.float64) -> dict:
     """``{layer: D(theta, theta with only that layer from other)}`` for every affine layer (a conv/linear
     with its folded batch-norm, or a standalone batch-norm), keyed by its module name.

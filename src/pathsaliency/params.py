@@ -88,7 +88,12 @@ def _scale_outputs(step, w, s):
 
 def check_finite(tensors: Mapping[str, torch.Tensor], names, what="model"):
     """Refuse NaN or infinite parameters, naming them."""
-    bad = [n for n in names if n in tensors and tensors[n].is_floating_point() and not torch.isfinite(tensors[n]).all()]
+    checked = [n for n in names if n in tensors and tensors[n].is_floating_point()]
+    if not checked:
+        return
+    device = tensors[checked[0]].device  # one read-back for all tensors, not one per tensor
+    finite = torch.stack([torch.isfinite(tensors[n]).all().to(device) for n in checked]).tolist()
+    bad = [n for n, ok in zip(checked, finite) if not ok]
     if bad:
         raise PathSaliencyError(f"the {what} has NaN or infinite values in: {', '.join(bad)}")
 
