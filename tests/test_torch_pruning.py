@@ -742,7 +742,7 @@ def test_group_norm_pruner_regularisation_stays_finite_with_sequential_scores():
 
 
 class Unflatten(nn.Module):
-    """Linear 4096 -> view(256, 4, 4) -> ConvTranspose: root feature c of the linear layer shares input
+    """Linear 4096 -> view(n, 256, 4, 4) -> ConvTranspose: root feature c of the linear layer shares input
     channel c // 16 of the transposed conv with 15 other features."""
 
     def __init__(self):
@@ -751,7 +751,8 @@ class Unflatten(nn.Module):
         self.up = nn.ConvTranspose2d(256, 4, 4, 2, 1)
 
     def forward(self, x):
-        return self.up(torch.relu(self.fc(x)).view(-1, 256, 4, 4))
+        y = torch.relu(self.fc(x))
+        return self.up(y.view(y.shape[0], -1, 4, 4))
 
 
 def test_unflatten_groups_score_what_physical_pruning_removes():
