@@ -61,7 +61,7 @@ from pathsaliency.models.cifar_resnet import ShortcutConv, load_cifar_resnet, to
 from .cifar10 import cifar10
 from .common import deviation, markdown_table, predict, seed_everything, top1, write_table
 from .imagenet import image_folder
-from .training import finetune
+from .training import finetune, init_distributed
 from .unstructured import CertificateViolation, check_bound, load_data  # noqa: F401 (CertificateViolation: raised)
 
 try:
@@ -341,6 +341,7 @@ def run(models=("resnet20",), data="sample", importances=("path-metric", "l1", "
         image_size=224, pretrained=False, device="cpu", workers=2, progress=True, log=print):
     """Run the comparison; returns the rows (also written to ``out`` as CSV, Markdown, JSON and PNG)."""
     seed_everything(seed)
+    init_distributed(device)  # under torchrun every rank prunes: the exact importance shards its removal passes
     out = Path(out)
     scopes = ("local", "global") if scope == "both" else (scope,)
     for imp in importances:

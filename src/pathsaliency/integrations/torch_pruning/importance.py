@@ -93,19 +93,24 @@ class PathMetricImportance(tp.importance.Importance):
             reaches its ratio, which it does not with the raw scores).
         progress: a tqdm bar over the candidates of long exact groups; None (default): on when tqdm is
             installed and stderr is a terminal.
+        shard: ``"auto"`` (default): under an initialised ``torch.distributed`` group (``torchrun``) the
+            exact scores' removal passes are split across the ranks (identical scores, every rank gets
+            them all; :mod:`pathsaliency.distributed`), so every rank must run the same pruner steps.
+            ``None`` when only some ranks prune.
 
     The forward/backward work is cached per model state. Returns a float64 CPU vector with one finite,
     non-negative score per root index, or None for a group without a conv / linear / batch-norm layer.
     """
 
     def __init__(self, input_shape=None, exact=True, dtype=torch.float32, output=None, sequential=False,
-                 progress=None):
+                 progress=None, shard="auto"):
         self.input_shape = input_shape
         self.exact = exact
         self.dtype = dtype
         self.output = output
         self.sequential = sequential
         self.progress = progress
+        self.shard = shard
         self._derived = weakref.WeakKeyDictionary()  # dependency graph -> input shape read from it
 
     def _shape(self, DG):
@@ -124,7 +129,7 @@ class PathMetricImportance(tp.importance.Importance):
 
     def _saliency(self, model, shape, removals, size, where):
         """``channel_saliency`` of the group; in chunks of candidates under a progress bar when shown."""
-        kw = dict(exact=self.exact, output=self.output, dtype=self.dtype)
+        kw = dict(exact=self.exact, output=self.output, dtype=self.dtype, shard=self.shard)
         if not (self.exact and size >= 64 and _show_progress(self.progress)):
             return channel_saliency(model, shape, removals, size, **kw)
         from tqdm.auto import tqdm
