@@ -62,7 +62,8 @@ from .cifar10 import cifar10
 from .common import deviation, markdown_table, predict, seed_everything, top1, write_table
 from .imagenet import image_folder
 from .training import finetune
-from .unstructured import CertificateViolation, check_bound, load_data  # noqa: F401 (CertificateViolation: raised)
+from .harness import CertificateViolation, check_bound  # noqa: F401 (CertificateViolation: raised)
+from .unstructured import load_data
 
 try:
     import torch_pruning as tp
