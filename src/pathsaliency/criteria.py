@@ -33,6 +33,11 @@ that start at the batch-norm shift count in ``i``'s mass), summed over the posit
 * ``path-lamp``: LAMP of the path-magnitude scores.
 
 Every criterion returns ``{weight name: score}`` in the shape of the weight, higher = keep.
+
+Structured use (not implemented here): a channel's score would be the sum of ``balanced-fan`` over the
+weights a torch-pruning group removes (its conv rows and the consumers' input columns), returned per
+channel by a ``tp.importance.Importance``; each term is invariant, so the sum is too. NNCF's unstructured
+masks take these scores as they are (``masks_from_scores``).
 """
 from __future__ import annotations
 
