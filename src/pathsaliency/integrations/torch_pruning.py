@@ -200,6 +200,10 @@ class PathMetricImportance(tp.importance.Importance):
             depths).
         dtype: torch.float32 (default) or torch.float64 for the path-norm passes.
         output: which output of a model returning a tuple/dict (an index, a key or a callable).
+        shard: ``"auto"`` (default): under an initialised ``torch.distributed`` group (``torchrun``) the
+            exact scores' removal passes are split across the ranks (identical scores, every rank gets
+            them all; :mod:`pathsaliency.distributed`), so every rank must run the same pruner steps.
+            ``None`` when only some ranks prune.
 
     The forward/backward work is cached per model state: scoring every group of a model costs one
     forward and one backward pass of the path-norm network plus batched removal passes for groups that
@@ -208,11 +212,12 @@ class PathMetricImportance(tp.importance.Importance):
     conv / linear / batch-norm layer.
     """
 
-    def __init__(self, input_shape=None, exact=True, dtype=torch.float32, output=None):
+    def __init__(self, input_shape=None, exact=True, dtype=torch.float32, output=None, shard="auto"):
         self.input_shape = input_shape
         self.exact = exact
         self.dtype = dtype
         self.output = output
+        self.shard = shard
         self._derived = weakref.WeakKeyDictionary()  # dependency graph -> input shape read from it
 
     def _shape(self, DG):
@@ -247,7 +252,7 @@ class PathMetricImportance(tp.importance.Importance):
         if not removals:
             return None
         scores = channel_saliency(model, self._shape(DG), removals, size, exact=self.exact,
-                                  output=self.output, dtype=self.dtype)
+                                  output=self.output, dtype=self.dtype, shard=self.shard)
         if cand_of_pos is not None:
             scores = scores[cand_of_pos]
         return scores

@@ -1,9 +1,8 @@
-"""What every pruning recipe runs through: a config dataclass turned into a command line, the check that no
-observed deviation exceeds its certified bound, and rank agreement between the certificate and accuracy.
+"""What every pruning recipe runs through: a config dataclass turned into a command line, and rank agreement
+between the certificate and accuracy (the bound check itself is the core's :mod:`pathsaliency.bound`).
 
 * :func:`parser` / :func:`parse` -- one ``--option`` per dataclass field (help text and default from the
   field), so a recipe is ``run(parse(Config, argv))`` and tests build ``Config(...)`` directly.
-* :func:`check_bound` -- raises :class:`CertificateViolation` when ``observed > bound`` beyond rounding.
 * :func:`spearman` -- Spearman's rank correlation (average ranks for ties).
 """
 from __future__ import annotations
@@ -13,21 +12,6 @@ import dataclasses
 import typing
 
 import torch
-
-
-class CertificateViolation(AssertionError):
-    """An observed deviation exceeded its certified bound: a bug, never a result."""
-
-
-def check_bound(observed, bound, what):
-    """Raise :class:`CertificateViolation` naming the first sample of ``observed`` above ``bound``
-    (relative tolerance 1e-6: the bound is computed in float64, the outputs in float32)."""
-    tol = 1e-6 * bound + 1e-9
-    bad = observed > bound + tol
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise CertificateViolation(f"{what}: sample {i} deviates by {float(observed[i]):.6g}, above its certified "
-                                   f"bound {float(bound[i]):.6g}; this is a bug")
 
 
 def parser(config_cls, prog: str, description: str, choices: dict | None = None) -> argparse.ArgumentParser:
@@ -44,7 +28,8 @@ def parser(config_cls, prog: str, description: str, choices: dict | None = None)
         kind = hints[f.name]
         if kind is bool:
             if default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                               help=f"do not: {f.metadata.get('help', f.name)} (done by default)")
             else:
                 p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
