@@ -43,8 +43,8 @@ from .training import finetune
 
 CRITERIA = {name: (kind, rescaled) for kind in KINDS for rescaled in (False, True)  # name -> (criterion, rescaled)
             for name in [kind + (" (rescaled)" if rescaled else "")]}
-DEFAULT_CRITERIA = ("path-magnitude", "magnitude", "balanced", "magnitude (rescaled)", "path-magnitude (rescaled)",
-                    "balanced (rescaled)")
+DEFAULT_CRITERIA = ("path-magnitude", "magnitude", "balanced-fan", "magnitude (rescaled)", "path-magnitude (rescaled)",
+                    "balanced-fan (rescaled)")
 INPUT_SHAPE = (3, 32, 32)
 COLUMNS = ["model", "criterion", "sparsity", "top1_one_shot", "top1", "log10_D", "D_relative", "D_relative_masks",
            "certified_bound", "observed_max", "observed_mean", "exact", "same_masks_as_unrescaled", "bn_reestimated",
