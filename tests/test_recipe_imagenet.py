@@ -58,7 +58,7 @@ def test_imagenet_recipe_resnet18(imagefolder, tmp_path):
     imagenet.main(["--model", "resnet18", "--data", str(imagefolder), "--image-size", "64", "--workers", "0",
                    "--batch-size", "5", "--sparsities", "0.5", "--no-progress", "--out", str(out)])
     rows = json.loads((out / "imagenet.json").read_text())
-    _check(out, rows, list(unstructured.CRITERIA), [0.5], "resnet18")
+    _check(out, rows, list(unstructured.DEFAULT_CRITERIA), [0.5], "resnet18")
     assert all(r["finetuned"] is False for r in rows)
 
 

@@ -718,22 +718,41 @@ def test_sequential_scores_keep_the_group_order_and_are_never_constant():
     assert sequential_scores(torch.zeros(3, dtype=F64)).tolist() == [0.0, 0.0, 1.0]
 
 
-def test_group_norm_pruner_regularisation_stays_finite_with_sequential_scores():
-    """GroupNormPruner normalises each group's scores by (max - min): a constant vector gives 0/0 = NaN
-    gradients. Sequential scores are never constant on two or more channels."""
-    model = _randomized(_seeded(TinyDenseNet), dtype=torch.float32)
-    x = torch.randn(2, 3, 8, 8)
-    pruner = tp.pruner.GroupNormPruner(model, x, importance=PathMetricImportance((3, 8, 8), sequential=True),
-                                       global_pruning=True, iterative_steps=3, pruning_ratio=0.5,
-                                       ignored_layers=[model.fc])
-    for _ in range(3):
+def _regularised_grads(model, x, importance):
+    pruner = tp.pruner.GroupNormPruner(model, x, importance=importance, global_pruning=True, iterative_steps=2,
+                                       pruning_ratio=0.5, ignored_layers=[model.fc])
+    grads = []
+    for _ in range(2):
         model.zero_grad()
         model(x).sum().backward()
         pruner.update_regularizer()
         pruner.regularize(model)
-        assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
         for group in pruner.step(interactive=True):
             group.prune()
+    return grads
+
+
+def test_group_norm_pruner_regularisation_stays_finite_with_sequential_scores():
+    """GroupNormPruner scales each group by ``alpha ** ((max - s) / (max - min))``: a constant score vector
+    (here a dense layer whose channels carry no path: every one scores 0) gives 0/0 = NaN gradients.
+    Raw scores hit it; sequential scores are never constant on two or more channels."""
+    x = torch.randn(2, 3, 8, 8)
+
+    def model():
+        m = _randomized(_seeded(TinyDenseNet), dtype=torch.float32)
+        with torch.no_grad():
+            m.block2[1].conv.weight.zero_()  # its 4 channels are 12..15 of the final batch-norm:
+            m.norm.bias[12:].zero_()  # no shift there either, so no path starts at them
+            m.norm.running_mean[12:].zero_()
+        return m
+
+    raw = _regularised_grads(model(), x, PathMetricImportance((3, 8, 8)))
+    assert not all(bool(torch.isfinite(g).all()) for g in raw[0])  # the trap is real
+    # (after the step the dead group keeps one channel: a one-entry vector is constant for any importance,
+    # and GroupNormPruner divides by zero there whatever the scores: only the first step is ours to keep finite)
+    first = _regularised_grads(model(), x, PathMetricImportance((3, 8, 8), sequential=True))[0]
+    assert all(bool(torch.isfinite(g).all()) for g in first)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 from . import steps
+from .criteria import INVARIANT_CRITERIA, invariant_scores
 from .saliency import path_magnitude
 
-CRITERIA = ("path-magnitude", "magnitude")
+CRITERIA = ("path-magnitude", "magnitude") + INVARIANT_CRITERIA
 
 
 def prunable_weights(model: nn.Module, exclude: Callable[[str, torch.Tensor], bool] | None = None) -> list:
@@ -27,7 +28,7 @@ def prunable_weights(model: nn.Module, exclude: Callable[[str, torch.Tensor], bo
 
 def unstructured_scores(model, input_shape=None, criterion="path-magnitude", names=None, **kw) -> dict:
     """``{weight name: score}`` for ``criterion``: ``|w|`` for magnitude, the relative path-metric lost for
-    path-magnitude (which needs ``input_shape``)."""
+    path-magnitude, or one of :data:`pathsaliency.criteria.INVARIANT_CRITERIA` (those need ``input_shape``)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     names = prunable_weights(model) if names is None else names
@@ -35,7 +36,9 @@ def unstructured_scores(model, input_shape=None, criterion="path-magnitude", nam
     if criterion == "magnitude":
         return {n: params[n].detach().abs() for n in names}
     if input_shape is None:
-        raise ValueError("path-magnitude needs input_shape, the shape of one input sample, e.g. (3, 224, 224)")
+        raise ValueError(f"{criterion} needs input_shape, the shape of one input sample, e.g. (3, 224, 224)")
+    if criterion in INVARIANT_CRITERIA:
+        return invariant_scores(model, input_shape, criterion, names, **kw)
     scores = path_magnitude(model, input_shape, **kw)
     missing = [n for n in names if n not in scores]
     if missing:

@@ -2,6 +2,7 @@
 written as CSV, Markdown and JSON."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import random
@@ -75,3 +76,27 @@ def markdown_table(rows, columns, formats, title=None) -> str:
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     lines += ["| " + " | ".join(fmt(c, r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model, X, batch_size=256):
+    """A copy of ``model`` whose batch-norm running statistics are recomputed on the images ``X`` (the
+    cumulative average over its batches, ``momentum=None``), everything else unchanged, in eval mode.
+    A pruned network's activations no longer match the statistics it was trained with; every one-shot
+    comparison re-estimates them on the same images for every criterion."""
+    model = copy.deepcopy(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for m in norms:
+        m.train()
+    for i in range(0, len(X), batch_size):
+        model(X[i:i + batch_size])
+    for m, mom in zip(norms, momenta):
+        m.momentum = mom
+    return model.eval()

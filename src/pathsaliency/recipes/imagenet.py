@@ -88,7 +88,7 @@ def evaluation_data(dataset, batch_size=64, workers=4, max_memory_gb=2.0, progre
 
 
 def run(model="resnet18", data=None, pretrained=False, image_size=224, limit=None, batch_size=64, workers=4,
-        sparsities=(0.1, 0.2, 0.4, 0.6, 0.8), criteria=tuple(unstructured.CRITERIA), factors=(1, 128, 4096),
+        sparsities=(0.1, 0.2, 0.4, 0.6, 0.8), criteria=unstructured.DEFAULT_CRITERIA, factors=(1, 128, 4096),
         finetune_after_epochs=0, train_limit=None, lr=0.001, device="cpu", max_memory_gb=2.0, seed=0,
         out="out/imagenet", progress=True, log=print):
     """Run the comparison on one torchvision ResNet; returns the rows (also written to ``out`` as
@@ -140,7 +140,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.6, 0.8])
-    p.add_argument("--criteria", nargs="+", default=list(unstructured.CRITERIA), choices=list(unstructured.CRITERIA))
+    p.add_argument("--criteria", nargs="+", default=list(unstructured.DEFAULT_CRITERIA), choices=list(unstructured.CRITERIA))
     p.add_argument("--factors", type=float, nargs="+", default=[1, 128, 4096])
     p.add_argument("--finetune-after-epochs", type=int, default=0,
                    help="fine-tune each pruned network on train/ (masks kept)")

@@ -1,0 +1,164 @@
+"""Rescaling-invariant unstructured pruning criteria built from the path-norm pass (MATH.md section 6).
+
+Notation. The path-norm pass runs the network with ``|theta|`` (batch-norm folded into the conv/linear
+before it), ReLU as the identity, max-pool as a window sum, on the all-ones input. For a neuron ``v``,
+``F(v)`` is its value in that pass and ``B(v) = d||Phi||_1 / dv`` (the sum over path suffixes from
+``v``); ``F(v) B(v)`` is the path mass through ``v``. For a weight ``w_ij`` from input neuron ``j`` (the
+activation the conv/linear reads: after the previous ReLU, or the residual stream) to output neuron
+``i`` (read *after* the folded batch-norm, so ``w_ij`` is the folded weight ``s_i W_ij`` and the paths
+that start at the batch-norm shift count in ``i``'s mass), summed over the positions that share the weight:
+
+* ``path-magnitude`` ``p(w_ij) = |w_ij| F(j) B(i) / ||Phi||_1``: the path-metric lost by removing the
+  weight alone (:func:`pathsaliency.path_magnitude`). Within one layer that cuts every path, these sum
+  to 1: layers with many weights get small scores and are emptied first (layer collapse).
+* ``balanced`` ``b(w_ij) = p(w_ij) / sqrt(m(i) m(j))`` with ``m(c) = sum over the neurons v of channel c
+  of F(v) B(v) / ||Phi||_1`` (per channel: neurons of one channel share their weights). Rescaling a
+  hidden channel ``c`` by ``lam`` multiplies ``F`` by ``lam`` and divides ``B`` by ``lam``, so ``m(c)``,
+  ``p`` and ``b`` are unchanged. In a network rescaled so that every hidden channel has ``F = B`` (always
+  possible, per channel, for a single position: ``lam = sqrt(B / F)``), ``b(w_ij) = |w_ij| ||Phi||_1 /
+  ||Phi||_1 = |w_ij|`` up to the spread over positions: it is plain magnitude on the balanced
+  representative of the rescaling orbit, which is why it keeps magnitude's accuracy while magnitude
+  itself depends on the arbitrary representative. The model input's channels are not rescalable; their
+  mass is read through the conservation law ``F(j) B(j) = sum over edges j -> i of |w_ij| F(j) B(i)``.
+* ``balanced-fan``: ``b(w_ij) * sqrt(fan_out)`` with ``fan_out`` = output channels (of one group) x
+  kernel positions of the layer (:func:`fan_out`), a constant of the architecture. Why: in the balanced representative a
+  layer cut carries total mass 1 spread over ``C`` channels of ``P`` positions, so ``F = B ~
+  1/sqrt(C P)`` and ``|w| ~ 1/(sqrt(C_in C_out) k)`` for ``k`` kernel positions, where a trained network
+  has ``|w| ~ 1/sqrt(C_in k)`` (the l2 scale of He initialisation and weight decay): ``b`` under-scores
+  wide layers by ``sqrt(C_out k)``, which this factor undoes, so that global ranking allots sparsity
+  across layers as magnitude does. Invariant (a constant times an invariant score).
+* ``balanced-lamp``: LAMP's per-layer normalisation (Lee et al. 2021) of the balanced scores,
+  ``b_k^2 / sum_{l >= k} b_l^2`` over one layer's scores sorted ascending: still invariant (a function of
+  invariant scores), and it keeps every layer's largest weights.
+* ``path-lamp``: LAMP of the path-magnitude scores.
+
+Every criterion returns ``{weight name: score}`` in the shape of the weight, higher = keep.
+
+Structured use (not implemented here): a channel's score would be the sum of ``balanced-fan`` over the
+weights a torch-pruning group removes (its conv rows and the consumers' input columns), returned per
+channel by a ``tp.importance.Importance``; each term is invariant, so the sum is too. NNCF's unstructured
+masks take these scores as they are (``masks_from_scores``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import steps
+from .lifting import compute_dtype, lift
+from .profile import profile
+from .saliency import _step_of, path_magnitude
+
+INVARIANT_CRITERIA = ("balanced-fan", "balanced", "balanced-lamp", "path-lamp")
+
+
+def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, output=None,
+                     dtype=torch.float32) -> dict:
+    """``{name: score}`` of ``criterion`` (one of :data:`INVARIANT_CRITERIA`) for the weights ``names``."""
+    if criterion not in INVARIANT_CRITERIA:
+        raise ValueError(f"criterion must be one of {INVARIANT_CRITERIA}, got {criterion!r}")
+    pm = path_magnitude(model, input_shape, output=output, dtype=dtype)
+    missing = [n for n in names if n not in pm]
+    if missing:
+        raise ValueError(f"weights {missing} do not reach the output: {criterion} cannot score them")
+    pm = {n: pm[n] for n in names}
+    if criterion == "path-lamp":
+        return {n: lamp(s) for n, s in pm.items()}
+    scores = balanced_scores(model, input_shape, pm, output=output, dtype=dtype)
+    if criterion == "balanced-fan":
+        modules = dict(model.named_modules())
+        return {n: s * fan_out(modules[n.rpartition(".")[0]]) ** 0.5 for n, s in scores.items()}
+    if criterion == "balanced-lamp":
+        return {n: lamp(s) for n, s in scores.items()}
+    return scores
+
+
+def balanced_scores(model, input_shape, pm: dict, *, output=None, dtype=torch.float32) -> dict:
+    """``p(w_ij) / sqrt(m(i) m(j))`` for the path-magnitude scores ``pm`` (see the module docstring);
+    0 where a channel carries no path (its weights carry none either)."""
+    dtype = compute_dtype(dtype)
+    lifted = lift(model, output)
+    prof = profile(model, lifted, lifted.sample_shape(input_shape), dtype)
+    modules = dict(model.named_modules())
+    input_mass = _model_input_mass(lifted, pm, modules)
+    out = {}
+    for name, p in pm.items():
+        mname = name.rpartition(".")[0]
+        step = _step_of(lifted, mname)
+        m_out = prof.channel_loss[step.node].to(torch.float64)
+        if step.input in prof.grads:
+            m_in = _channel_mass(prof, lifted.plan.output, step.input, step.channel_dim)
+        else:
+            m_in = input_mass
+        rows, cols = _channel_index(modules[mname], p.shape)
+        denom = (m_out.cpu()[rows] * m_in.cpu()[cols]).sqrt()
+        s = p.detach().cpu().to(torch.float64)
+        out[name] = torch.where(denom > 0, s / denom.where(denom > 0, torch.ones_like(denom)),
+                                torch.zeros_like(s)).to(p.device)
+    return out
+
+
+def _channel_mass(prof, output, node, channel_dim):
+    """``sum F(v) B(v) / ||Phi||_1`` per channel of ``node``, in the units of ``Profile.channel_loss``
+    (raw tensors of the pass: their power-of-two exponents cancel in the ratio)."""
+    t, g = prof.cache[node].t.detach(), prof.grads[node]
+    prod = (t * g).to(torch.float64)
+    dim = channel_dim % prod.dim()
+    others = [d for d in range(prod.dim()) if d != dim]
+    return prod.sum(others) / prof.cache[output].t.detach().sum(dtype=torch.float64)
+
+
+def _model_input_mass(lifted, pm, modules):
+    """Per channel of the model input: ``sum over the edges leaving it of p`` (conservation law), when
+    every reader of the input is a scored conv/linear; None otherwise."""
+    plan = lifted.plan
+    mass = None
+    for name, p in pm.items():
+        mname = name.rpartition(".")[0]
+        step = _step_of(lifted, mname)
+        if step.input is not plan.input:
+            continue
+        rows, cols = _channel_index(modules[mname], p.shape)
+        part = torch.zeros(int(cols.max()) + 1, dtype=torch.float64).index_add_(
+            0, cols.reshape(-1), p.detach().cpu().to(torch.float64).reshape(-1))
+        mass = part if mass is None else mass + part
+    return mass
+
+
+def _channel_index(module, shape):
+    """``(output channel, input channel)`` of every element of a conv/linear weight of ``shape``."""
+    if isinstance(module, steps.CONV_TRANSPOSE_MODULES):  # (in, out / groups, *k)
+        g = module.groups
+        cin, per = shape[0], shape[1]
+        i = torch.arange(cin).view(-1, 1)
+        o = (i // (cin // g)) * per + torch.arange(per).view(1, -1)
+        rows, cols = o, i.expand(cin, per)
+    else:  # (out, in / groups, *k); linear: (out, in)
+        g = getattr(module, "groups", 1)
+        cout, per = shape[0], shape[1]
+        o = torch.arange(cout).view(-1, 1)
+        cols = (o // (cout // g)) * per + torch.arange(per).view(1, -1)
+        rows = o.expand(cout, per)
+    extra = (1,) * (len(shape) - 2)
+    return rows.reshape(rows.shape + extra).expand(shape), cols.reshape(cols.shape + extra).expand(shape)
+
+
+def fan_out(module) -> int:
+    """The outputs one input value reaches through a conv/linear ``module``: output channels (of its
+    group) times kernel positions; for a linear layer, its output features."""
+    w = module.weight
+    kernel = w[0, 0].numel()
+    if isinstance(module, steps.CONV_TRANSPOSE_MODULES):  # (in, out / groups, *kernel)
+        return int(w.shape[1]) * kernel
+    return int(w.shape[0]) // getattr(module, "groups", 1) * kernel
+
+
+def lamp(scores: torch.Tensor) -> torch.Tensor:
+    """LAMP normalisation of one layer: ``s_k^2 / sum_{l >= k} s_l^2`` with the scores sorted ascending
+    (ties in sorted order), in the shape of ``scores``."""
+    flat = scores.detach().reshape(-1).to(torch.float64)
+    sq, order = (flat * flat).sort()
+    tail = sq.flip(0).cumsum(0).flip(0)
+    out = torch.empty_like(flat)
+    out[order] = torch.where(tail > 0, sq / tail.where(tail > 0, torch.ones_like(tail)), torch.zeros_like(sq))
+    return out.view(scores.shape).to(scores.device)

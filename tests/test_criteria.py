@@ -1,0 +1,113 @@
+"""Rescaling-invariant pruning criteria (``pathsaliency.criteria``) and the recipes' harness."""
+import pytest
+import torch
+import torch.nn as nn
+
+import pathsaliency as ps
+from pathsaliency.criteria import INVARIANT_CRITERIA, fan_out, lamp
+from pathsaliency.pruning import prunable_weights, unstructured_scores
+from pathsaliency.recipes.common import reestimate_batchnorm
+from pathsaliency.recipes.harness import parse, spearman
+
+
+def _cnn(seed=0):
+    """conv-bn-relu twice, max-pool, linear: every hidden channel is rescalable."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8),
+                      nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(72, 5)).eval()
+    for bn in (m[1], m[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(-1, 1)
+    return m
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
+
+
+def test_balanced_score_is_path_magnitude_over_the_root_of_both_end_masses():
+    """Independent computation on an MLP: F by explicit products of |W| on the all-ones input (biases
+    included), B by the transposed products from the outputs, m = F * B per neuron (the input's B too)."""
+    m = _mlp()
+    W = [m[i].weight.detach().abs() for i in (0, 2, 4)]
+    b = [m[i].bias.detach().abs() for i in (0, 2, 4)]
+    F = [torch.ones(3, dtype=torch.float64)]
+    for w, c in zip(W, b):
+        F.append(w @ F[-1] + c)
+    B = [torch.ones(2, dtype=torch.float64)]
+    for w in reversed(W):
+        B.insert(0, w.t() @ B[0])
+    total = float(F[-1].sum())
+    names = prunable_weights(m)
+    scores = unstructured_scores(m, (3,), "balanced", names, dtype=torch.float64)
+    for k, name in enumerate(names):
+        p = W[k] * F[k].view(1, -1) * B[k + 1].view(-1, 1) / total
+        mass_in, mass_out = F[k] * B[k] / total, F[k + 1] * B[k + 1] / total
+        want = p / (mass_out.view(-1, 1) * mass_in.view(1, -1)).sqrt()
+        torch.testing.assert_close(scores[name].double(), want, rtol=1e-10, atol=0)
+    fan = unstructured_scores(m, (3,), "balanced-fan", names, dtype=torch.float64)
+    for name in names:
+        torch.testing.assert_close(fan[name], scores[name] * scores[name].shape[0] ** 0.5, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("criterion", INVARIANT_CRITERIA)
+def test_invariant_criteria_give_identical_masks_after_a_power_of_two_rescaling(criterion, assert_untouched):
+    m = _cnn()
+    r = ps.random_rescale(m, generator=torch.Generator().manual_seed(1))
+    with assert_untouched(m):
+        pruned, masks = ps.prune_unstructured(m, 0.6, (2, 8, 8), criterion=criterion)
+    _, masks_r = ps.prune_unstructured(r, 0.6, (2, 8, 8), criterion=criterion)
+    assert all(torch.equal(masks[k], masks_r[k]) for k in masks)
+    if criterion == INVARIANT_CRITERIA[0]:
+        _, mag = ps.prune_unstructured(m, 0.6, criterion="magnitude")
+        _, mag_r = ps.prune_unstructured(r, 0.6, criterion="magnitude")
+        assert not all(torch.equal(mag[k], mag_r[k]) for k in mag)  # the rescaling does move magnitudes
+    assert sum(int((~v).sum()) for v in masks.values()) == round(0.6 * sum(v.numel() for v in masks.values()))
+
+
+def test_lamp_is_the_square_over_the_tail_sum_of_squares():
+    s = torch.tensor([[3.0, -1.0], [2.0, 0.5]])
+    flat = s.reshape(-1).abs()
+    want = torch.tensor([float(v * v / (flat[flat >= v] ** 2).sum()) for v in flat]).view(2, 2)
+    torch.testing.assert_close(lamp(s), want.double())
+    assert float(lamp(s).max()) == 1.0  # the largest weight of every layer scores 1
+
+
+def test_fan_out_counts_output_channels_times_kernel_positions():
+    assert fan_out(nn.Conv2d(8, 16, 3, groups=2)) == 72 and fan_out(nn.Linear(64, 10)) == 10
+    assert fan_out(nn.ConvTranspose2d(8, 6, 2, groups=2)) == 12  # weight (8, 3, 2, 2): 3 outputs x 4 taps
+
+
+def test_unknown_criterion_is_refused_with_the_list():
+    with pytest.raises(ValueError, match="balanced-fan"):
+        ps.prune_unstructured(_mlp(), 0.5, (3,), criterion="balance")
+
+
+def test_batchnorm_reestimation_gives_the_data_statistics_on_a_copy(assert_untouched):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU()).eval()
+    X = torch.randn(20, 2, 6, 6) * 3 + 1
+    with assert_untouched(m):
+        re = reestimate_batchnorm(m, X, batch_size=20)
+    y = m[0](X).detach()
+    torch.testing.assert_close(re[1].running_mean, y.mean((0, 2, 3)))
+    torch.testing.assert_close(re[1].running_var, y.var((0, 2, 3), unbiased=True))
+    assert not re.training and re[1].momentum == m[1].momentum
+
+
+def test_spearman_against_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254, rel=1e-6)  # ties: average ranks
+
+
+def test_config_command_line_round_trip():
+    from pathsaliency.recipes.unstructured import Config
+
+    c = parse(Config, ["--models", "resnet20", "resnet32", "--sparsities", "0.4", "0.7", "--no-reestimate-bn",
+                       "--limit", "5"], prog="x", description="")
+    assert c == Config(models=("resnet20", "resnet32"), sparsities=(0.4, 0.7), reestimate_bn=False, limit=5)
+    assert parse(Config, [], prog="x", description="") == Config()
