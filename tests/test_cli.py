@@ -150,7 +150,7 @@ def test_one_weights_only_loader_for_the_cli_and_the_cifar_resnets(files):
 
     with pytest.raises(CheckpointError, match="refused: it holds pickled code .posix.system."):
         load_cifar_resnet("resnet20", checkpoint=files["root"] / "evil.pt")
-    with pytest.raises(CheckpointError, match="does not fit CIFAR resnet20: missing"):
+    with pytest.raises(CheckpointError, match="is not a state dict of CIFAR resnet20: missing"):
         load_cifar_resnet("resnet20", checkpoint=files["root"] / "sd.pt")
     assert not (files["root"] / "pwned").exists()
     assert set(load_checkpoint(files["root"] / "dataparallel.pt")) == set(files["sd"])
@@ -177,8 +177,8 @@ def _report(ckpt):
 BAD_CHECKPOINTS = {
     "nothere.pt": ["nothere.pt", "no such file"],
     "truncated.pt": ["truncated.pt", "truncated or corrupt"],
-    "missing_key.pt": ["missing_key.pt", "does not fit tinynet:build", "missing 1 key(s) (3.bias)"],
-    "extra_key.pt": ["extra_key.pt", "does not fit tinynet:build", "1 unexpected key(s) (4.weight)"],
+    "missing_key.pt": ["missing_key.pt", "is not a state dict of tinynet:build", "missing 1 key(s) (3.bias)"],
+    "extra_key.pt": ["extra_key.pt", "is not a state dict of tinynet:build", "1 unexpected key(s) (4.weight)"],
     "wrong_shape.pt": ["wrong_shape.pt", "3.weight has shape (3, 144), the model's is (2, 144)"],
     "whole.pt": ["whole.pt refused", "--trust-checkpoint"],
 }

@@ -186,3 +186,33 @@ def test_to_module_computes_with_theta(assert_untouched):
     from_sd = Theta.from_state_dict(m, other.state_dict()).to_module()
     for k, v in other.state_dict().items():
         assert torch.equal(from_sd.state_dict()[k], v), k
+
+
+class _Twice(nn.Module):
+    """``block`` is applied twice in sequence: a path may use its weights twice (the layer is reentrant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.block(torch.relu(self.block(x))))
+        return self.head(x.flatten(1))
+
+
+@pytest.mark.parametrize("as_theta", [False, True])
+def test_layer_distance_of_a_reentrant_layer_is_the_metric_with_only_that_layer_changed(as_theta):
+    torch.manual_seed(0)
+    m = _Twice().double().eval()
+    other = _perturbed(m)
+    got = ps.layer_distances(m, Theta.from_module(other) if as_theta else other, SHAPE)
+    for layer in ("stem", "block", "head"):
+        only = {**m.state_dict(), **{k: v for k, v in other.state_dict().items() if k.startswith(layer + ".")}}
+        want = ps.path_metric(m, only, SHAPE)
+        assert want.log2 > -math.inf
+        assert abs(got[layer].value - want.value) <= 1e-9 * want.value, layer
+    assert got["block"].log2 == ps.path_metric(m, {**m.state_dict(), **{k: v for k, v in other.state_dict().items()
+                                                                         if k.startswith("block.")}}, SHAPE).log2

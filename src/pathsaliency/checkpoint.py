@@ -117,6 +117,6 @@ def load_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], source, ta
                             f"{tuple(expected[name].shape)}")
             break
     if problems:
-        raise CheckpointError(f"checkpoint {source} does not fit {target}: {'; '.join(problems)}")
+        raise CheckpointError(f"checkpoint {source} is not a state dict of {target}: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
     return model

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import sys
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import PathSaliencyError
+from .precision import ieee_float32
 
 __all__ = ["Outputs", "outputs", "evaluate", "deviation", "batches", "num_batches", "evaluating"]
 
@@ -66,7 +66,7 @@ def evaluate(models: List[nn.Module], stream: Iterable, *, device: torch.device,
     models = [on(m, device) for m in models]
     bar = progress_bar(stream, total, desc, progress)
     try:
-        with evaluating(models, device):
+        with evaluating(models):
             for b, (x, y) in enumerate(bar):
                 if max_batches is not None and b >= max_batches:
                     break
@@ -170,29 +170,19 @@ def peek(stream: Iterator):
 # ---------------------------------------------------------------------------------------- models
 
 @contextmanager
-def evaluating(models, device: torch.device):
+def evaluating(models):
     """Every module of ``models`` in eval mode under ``torch.no_grad``, each module's own training flag
-    restored afterwards; TF32 off on CUDA so that the observed deviations are float32-accurate."""
+    restored afterwards; IEEE float32 on CUDA (:func:`pathsaliency.precision.ieee_float32`: no TF32) so
+    that the observed deviations are float32-accurate."""
     flags = [(m, m.training) for model in models for m in model.modules()]
-    tf32 = None
-    if device.type == "cuda":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
     try:
         for model in models:
             model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), ieee_float32():
             yield
     finally:
         for m, flag in flags:
             m.training = flag
-        if tf32 is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def _stored(model: nn.Module):

@@ -8,6 +8,10 @@ that data. Every sample's observed deviation is checked against its own certifie
 exceeds it (beyond float rounding) is a bug, and :class:`CertificateViolation` is raised instead of a
 report. The certificate covers **weight** changes only: the deviation of a model that also quantizes
 its activations is measured and reported apart, never as certified.
+
+This module holds the record (:class:`RobustnessReport`, :class:`LayerDistance`), its JSON and Markdown,
+and :func:`robustness_report`, which assembles it: the models run in :mod:`pathsaliency.evaluate`, the
+check is :func:`pathsaliency.bound.check_bound`, the figure is :mod:`pathsaliency.report_plot`.
 """
 from __future__ import annotations
 
