@@ -1,13 +1,21 @@
 """A model captured once and its parameters read per call: the object every public function uses.
 
-``lift(model, input_shape)`` returns a :class:`Lifted` from a per-model cache. The cache key is the
-model's *structure* (module objects, conv hyper-parameters, tensor shapes), so a repeated call skips
-tracing, and a model that torch-pruning has reshaped between two steps is traced again. Parameter
-*values* are read from the user's model at every call (the prepared absolute weights are reused while
-no tensor has been written to: ``data_ptr`` and ``_version`` unchanged).
+``lift(model)`` returns a :class:`Lifted` from a per-model cache. A cached result never outlives what it
+was computed from:
+
+* the captured graph is reused while :func:`structure_signature` is unchanged: the module tree, every
+  module's non-tensor attributes (conv padding, batch-norm ``eps``, pooling kernels, Python flags that
+  ``forward`` reads), and the identity, shape, dtype and device of every parameter and buffer; any
+  change captures the model again;
+* values derived from the parameters (signed and absolute ``(W, b)``, the forward/backward profile) are
+  reused while the model's tensors equal a private copy of the values they were computed from
+  (bit for bit: exact, and it sees writes through ``.data`` that ``_version`` misses). The copy costs
+  one model's worth of memory; the comparison is memory-bound, far cheaper than a pass.
 """
 from __future__ import annotations
 
+import enum
+import itertools
 import weakref
 
 import torch
@@ -19,12 +27,67 @@ from .graph import capture
 from .passes import Weights
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_STATES = itertools.count()  # tokens: one per (capture, parameter values), never reused
+_NOT_ATTRIBUTES = {"_parameters", "_buffers", "_modules", "training"}  # the tree and the tensors are read apart
+_PLAIN = (bool, int, str, bytes, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format, enum.Enum)
 
 
 def structure_signature(model: nn.Module, output) -> tuple:
-    mods = tuple((name, id(m), type(m), getattr(m, "groups", None)) for name, m in model.named_modules())
-    shapes = tuple((name, tuple(t.shape)) for name, t in params.named_tensors(model).items())
-    return mods, shapes, repr(output)
+    """What the captured graph depends on apart from tensor values: the module tree (names, types,
+    identities), each module's attributes other than its tensors, submodules and hooks (recursively into
+    plain objects), the identity, shape, dtype and device of every parameter and buffer, and ``output``.
+    Compare two signatures with :func:`same_signature`."""
+    mods = tuple((name, id(m), type(m), _frozen({k: v for k, v in vars(m).items()
+                                                   if k not in _NOT_ATTRIBUTES and "hook" not in k}))
+                 for name, m in model.named_modules(remove_duplicate=False))
+    tensors = tuple((name, id(t), tuple(t.shape), t.dtype, t.device) for name, t in params.named_tensors(model).items())
+    return mods, tensors, repr(output)
+
+
+def _frozen(v, depth=0):
+    """A comparable snapshot of an attribute value: plain values as they are, floats by their exact
+    hex, tensors as private copies, containers and plain objects element by element (to a depth of 6),
+    modules, functions and other objects by identity."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, float):
+        return ("float", v.hex())
+    if torch.is_tensor(v):
+        return v.detach().clone()
+    if depth > 6 or isinstance(v, (nn.Module, type)) or callable(v):
+        return ("object", type(v), id(v))
+    if isinstance(v, (tuple, list)):
+        return (type(v), tuple(_frozen(x, depth + 1) for x in v))
+    if isinstance(v, dict):
+        return (type(v), tuple((_frozen(k, depth + 1), _frozen(x, depth + 1)) for k, x in v.items()))
+    if isinstance(v, (set, frozenset)):
+        return (type(v), tuple(sorted((_frozen(x, depth + 1) for x in v), key=repr)))
+    if hasattr(v, "__dict__"):
+        return ("object", type(v), id(v), _frozen(vars(v), depth + 1))
+    return ("object", type(v), id(v))
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` (same shape, dtype, device) hold the same bits: exact, and about twice as fast as
+    ``torch.equal`` on floats (an integer compare; a NaN equals itself, -0.0 differs from 0.0)."""
+    bits = _BITS.get(a.element_size())
+    if bits is not None and a.is_floating_point() and a.is_contiguous() and b.is_contiguous():
+        a, b = a.detach().view(bits), b.detach().view(bits)
+    return bool(torch.equal(a, b))
+
+
+def same_signature(a, b) -> bool:
+    """Equality of two :func:`structure_signature` values (tensors compared bit for bit)."""
+    if type(a) is not type(b):
+        return False
+    if torch.is_tensor(a):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and same_bits(a, b)
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(same_signature(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -53,7 +116,27 @@ class Lifted:
     def __init__(self, model: nn.Module, output=None):
         self.device = model_device(model)
         self.plan = capture(model, output)
-        self._weights_cache, self._signed_cache = {}, {}
+        self._model = weakref.ref(model)
+        self._values = None  # name -> private copy of the tensor values the caches were computed from
+        self.state = None  # a token for those values (set by :meth:`verify`)
+        self._signed_cache, self._weights_cache = {}, {}
+
+    def verify(self, model: nn.Module):
+        """Compare ``model``'s tensors with the copy the caches were computed from; on any difference
+        (a write through ``.data``, in place, ``load_state_dict``, ``copy_``) drop the caches and take a new
+        copy. Returns the token of the current values (see :mod:`profile`)."""
+        tensors = params.named_tensors(model)
+        if self._values is not None and all(same_bits(self._values[n], t) for n, t in tensors.items()
+                                            if n in self._values):
+            return self.state
+        seen, values = set(), {}
+        for name, t in tensors.items():  # a tied tensor once (the signature holds who shares what)
+            if id(t) not in seen:
+                seen.add(id(t))
+                values[name] = t.detach().clone()
+        self._values, self.state = values, next(_STATES)
+        self._signed_cache, self._weights_cache = {}, {}
+        return self.state
 
     def sample_shape(self, input_shape) -> tuple:
         """The shape of one sample: ``input_shape`` without a leading batch dimension of 1."""
@@ -65,16 +148,14 @@ class Lifted:
         return shape
 
     def signed(self, source, dtype) -> dict:
-        """node -> signed ``(W, b)`` of every affine step, from a module or a state dict (cached for a
-        module while none of its tensors changes)."""
-        key = self.state_key(source, dtype) if isinstance(source, nn.Module) else None
-        hit = self._signed_cache.get(id(source))
-        if key is not None and hit is not None and hit[0] == key:
-            return hit[1]
-        out = self._signed(source, dtype)
-        if key is not None:
-            self._signed_cache = {id(source): (key, out)}
-        return out
+        """node -> signed ``(W, b)`` of every affine step, from a module or a state dict (cached for the
+        lifted model while its values are unchanged, see :meth:`verify`)."""
+        if source is not self._model():
+            return self._signed(source, dtype)
+        self.verify(source)
+        if dtype not in self._signed_cache:
+            self._signed_cache = {dtype: self._signed(source, dtype)}
+        return self._signed_cache[dtype]
 
     def _signed(self, source, dtype) -> dict:
         tensors = params.named_tensors(source)
@@ -82,22 +163,14 @@ class Lifted:
         params.check_finite(tensors, names, "model" if isinstance(source, nn.Module) else "state dict")
         return {node: params.effective(step, tensors, dtype, self.device) for node, step in self.plan.affine.items()}
 
-    @staticmethod
-    def state_key(source, dtype) -> tuple:
-        """Changes whenever a tensor of ``source`` is replaced or written to in place."""
-        tensors = params.named_tensors(source)
-        return (dtype,) + tuple((id(t), t.data_ptr(), t._version) for t in tensors.values())
-
     def absolute(self, source, dtype, q=1) -> dict:
-        """node -> :class:`Weights` ``(|W|**q, |b|**q)``, cached while the source tensors are unchanged."""
-        key = (q,) + self.state_key(source, dtype)
-        hit = self._weights_cache.get(id(source))
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        out = {node: absolute(w, b, q) for node, (w, b) in self.signed(source, dtype).items()}
-        if isinstance(source, nn.Module):
-            self._weights_cache = {id(source): (key, out)}
-        return out
+        """node -> :class:`Weights` ``(|W|**q, |b|**q)`` (cached like :meth:`signed`)."""
+        signed = self.signed(source, dtype)
+        if source is not self._model():
+            return {node: absolute(w, b, q) for node, (w, b) in signed.items()}
+        if (dtype, q) not in self._weights_cache:
+            self._weights_cache = {(dtype, q): {node: absolute(w, b, q) for node, (w, b) in signed.items()}}
+        return self._weights_cache[(dtype, q)]
 
 
 def absolute(w, b, q=1) -> Weights:
@@ -112,7 +185,7 @@ def lift(model: nn.Module, output=None) -> Lifted:
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     sig = structure_signature(model, output)
     hit = _CACHE.get(model)
-    if hit is not None and hit[0] == sig:
+    if hit is not None and same_signature(hit[0], sig):
         return hit[1]
     lifted = Lifted(model, output)
     _CACHE[model] = (sig, lifted)
