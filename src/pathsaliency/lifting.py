@@ -103,11 +103,46 @@ def model_device(model: nn.Module) -> torch.device:
     return devices.pop()
 
 
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "torch.float32": torch.float32,
+           "torch.float64": torch.float64}
+
+
 def compute_dtype(dtype) -> torch.dtype:
+    """``torch.float32`` or ``torch.float64``, also given as one of the strings of ``_DTYPES``."""
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64 (got {dtype}); half-precision models "
-                         "are computed in one of these")
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (or the strings 'float32', 'float64'), got "
+                         f"{dtype!r}; half-precision models are computed in one of these")
     return dtype
+
+
+def sample_shape(input_shape, plan=None) -> tuple:
+    """The shape of one input sample, validated: a tuple, list or ``torch.Size`` of positive ints (or a
+    tensor, read as its shape). With ``plan``, a leading batch dimension of 1 before the input of a first
+    conv, ``(1, C, *spatial)``, is dropped. The one place where every entry point checks ``input_shape``."""
+    hint = "the shape of one input sample as a tuple of positive ints, e.g. (3, 224, 224) or (784,)"
+    if torch.is_tensor(input_shape):
+        input_shape = tuple(input_shape.shape)
+    if isinstance(input_shape, int) and not isinstance(input_shape, bool):
+        raise PathSaliencyError(f"input_shape must be {hint}; got the int {input_shape} (write ({input_shape},) "
+                                "for a one-dimensional input)")
+    if not isinstance(input_shape, (tuple, list)):
+        raise PathSaliencyError(f"input_shape must be {hint}; got {type(input_shape).__name__} {input_shape!r}")
+    shape = []
+    for s in input_shape:
+        if isinstance(s, bool) or not hasattr(s, "__index__"):
+            raise PathSaliencyError(f"input_shape must be {hint}; got {tuple(input_shape)!r} (an entry that is not an int)")
+        shape.append(s.__index__())
+    if not shape:
+        raise PathSaliencyError(f"input_shape must be {hint}, with at least one dimension; got ()")
+    if min(shape) <= 0:
+        raise PathSaliencyError(f"input_shape must be {hint}; got {tuple(shape)} (sizes must be positive)")
+    shape = tuple(shape)
+    first = None if plan is None else next((s for s in plan.steps if s.input is plan.input), None)
+    if first is not None and first.kind in ("conv", "conv_transpose") and shape[0] == 1:
+        if len(shape) == first.conv.weight.dim():  # (1, C, *spatial) for a conv with len(spatial)+2 dims
+            return shape[1:]
+    return shape
 
 
 class Lifted:
@@ -139,28 +174,26 @@ class Lifted:
         return self.state
 
     def sample_shape(self, input_shape) -> tuple:
-        """The shape of one sample: ``input_shape`` without a leading batch dimension of 1."""
-        shape = tuple(int(s) for s in (input_shape.shape if torch.is_tensor(input_shape) else input_shape))
-        first = next((s for s in self.plan.steps if s.input is self.plan.input), None)
-        if first is not None and first.kind in ("conv", "conv_transpose") and shape and shape[0] == 1:
-            if len(shape) == first.conv.weight.dim():  # (1, C, *spatial) for a conv with len(spatial)+2 dims
-                return shape[1:]
-        return shape
+        """:func:`sample_shape` for this model's graph."""
+        return sample_shape(input_shape, self.plan)
 
-    def signed(self, source, dtype) -> dict:
+    def signed(self, source, dtype, what="model") -> dict:
         """node -> signed ``(W, b)`` of every affine step, from a module or a state dict (cached for the
-        lifted model while its values are unchanged, see :meth:`verify`)."""
+        lifted model while its values are unchanged, see :meth:`verify`). ``what`` names the source in
+        errors (non-finite tensors, a batch-norm with ``running_var + eps <= 0``)."""
         if source is not self._model():
-            return self._signed(source, dtype)
+            return self._signed(source, dtype, what)
         self.verify(source)
         if dtype not in self._signed_cache:
-            self._signed_cache = {dtype: self._signed(source, dtype)}
+            self._signed_cache = {dtype: self._signed(source, dtype, what)}
         return self._signed_cache[dtype]
 
-    def _signed(self, source, dtype) -> dict:
+    def _signed(self, source, dtype, what) -> dict:
         tensors = params.named_tensors(source)
         names = [n for s in self.plan.steps for n in params.step_tensor_names(s)]
-        params.check_finite(tensors, names, "model" if isinstance(source, nn.Module) else "state dict")
+        what = what if isinstance(source, nn.Module) else f"{what} (state dict)"
+        params.check_finite(tensors, names, what)
+        params.check_batchnorms(tensors, self.plan.steps, what)
         return {node: params.effective(step, tensors, dtype, self.device) for node, step in self.plan.affine.items()}
 
     def absolute(self, source, dtype, q=1) -> dict:
@@ -193,8 +226,10 @@ def lift(model: nn.Module, output=None) -> Lifted:
 
 
 def check_same_architecture(model, lifted: Lifted, other, output=None):
-    """``other`` (a module or a state dict) must be theta' of the same architecture: the same graph and
-    the same shape for every tensor that theta is made of. Raises :class:`ArchitectureMismatchError`."""
+    """``other`` (a module or a state dict) must be theta' of the same architecture: the same graph, the
+    same hyper-parameters of every module it calls (``extra_repr``: padding, ``eps``, kernels), and the
+    same shape for every tensor that theta is made of (keys of a state dict that theta does not use are
+    ignored; a missing one is refused). The one architecture check of the library. Raises :class:`ArchitectureMismatchError`."""
     if isinstance(other, nn.Module):
         theirs = lift(other, output).plan
         mine = [(n.op, str(n.target)) for n in lifted.plan.nodes]
@@ -205,6 +240,12 @@ def check_same_architecture(model, lifted: Lifted, other, output=None):
             b = other_nodes[diff] if diff < len(other_nodes) else "<end>"
             raise ArchitectureMismatchError(f"the two models have different graphs: node {diff} is {a} in the "
                                             f"first and {b} in the second")
+        for n in lifted.plan.graph.nodes:  # the same hyper-parameters (padding, eps, pooling kernels, ...)
+            if n.op == "call_module":
+                a, b = lifted.plan.root.get_submodule(n.target), theirs.root.get_submodule(n.target)
+                if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+                    raise ArchitectureMismatchError(f"module '{n.target}' is {a!r} in the first model and {b!r} in "
+                                                    "the second")
     mine_t, theirs_t = params.named_tensors(model), params.named_tensors(other)
     for step in lifted.plan.steps:
         for name in params.step_tensor_names(step):

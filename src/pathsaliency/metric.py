@@ -112,7 +112,7 @@ def path_metric(model, other, input_shape, *, output=None, dtype=torch.float64) 
     shape = lifted.sample_shape(input_shape)
     dev = lifted.device
     with torch.no_grad():
-        p, r = lifted.signed(model, dtype), lifted.signed(other, dtype)
+        p, r = lifted.signed(model, dtype, "reference model"), lifted.signed(other, dtype, "other model")
         if _dominates(p, r):
             a, b = _abs_all(p), _abs_all(r)
             log2_d, log2_small = coupled_pass(lifted.plan, a, _filled(b, a), shape, dtype=dtype, device=dev)
@@ -166,8 +166,8 @@ def layer_distances(model, other, input_shape, *, output=None, dtype=torch.float
     plan = lifted.plan
     shape = lifted.sample_shape(input_shape)
     prof = profile(model, lifted, shape, dtype)
-    reentrant = set(_reentrant_modules(lifted))
-    p, r = lifted.signed(model, dtype), lifted.signed(other, dtype)
+    reentrant = set(_reentrant_modules(lifted, model))
+    p, r = lifted.signed(model, dtype, "reference model"), lifted.signed(other, dtype, "other model")
     out_e = prof.cache[plan.output].e.to(torch.float64)
     result = {}
     with torch.no_grad():

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from . import ops
 from .lifting import lift
+from .params import qualified
 
 _POOLS = ops.AVG_MODULES + ops.ADAPTIVE_AVG_MODULES
 _POOL_FUNCTIONS = ops.AVG_FUNCTIONS | ops.ADAPTIVE_AVG_FUNCTIONS
@@ -84,19 +85,19 @@ def random_rescale(model: nn.Module, factors=(1, 128, 4096), generator: torch.Ge
     params = dict(copied.named_parameters())
     with torch.no_grad():
         for step, consumers in rescalable_channels(plan):
-            if step.bn is not None and f"{step.bn}.weight" not in params:
+            if step.bn is not None and qualified(step.bn, "weight") not in params:
                 continue  # a batch-norm without affine parameters: nothing exact to scale
-            width = params[f"{step.module}.weight"].shape[0]
+            width = params[qualified(step.module, "weight")].shape[0]
             lam = choices[torch.randint(len(choices), (width,), generator=generator)]
             if step.bn is not None:
-                _scale_rows(params[f"{step.bn}.weight"], lam)
-                _scale_rows(params[f"{step.bn}.bias"], lam)
+                _scale_rows(params[qualified(step.bn, "weight")], lam)
+                _scale_rows(params[qualified(step.bn, "bias")], lam)
             else:
-                _scale_rows(params[f"{step.module}.weight"], lam)
-                if f"{step.module}.bias" in params:
-                    _scale_rows(params[f"{step.module}.bias"], lam)
+                _scale_rows(params[qualified(step.module, "weight")], lam)
+                if qualified(step.module, "bias") in params:
+                    _scale_rows(params[qualified(step.module, "bias")], lam)
             for s, flat in consumers:
-                _scale_inputs(s, params[f"{s.module}.weight"], 1.0 / lam, flat)
+                _scale_inputs(s, params[qualified(s.module, "weight")], 1.0 / lam, flat)
     return copied
 
 
