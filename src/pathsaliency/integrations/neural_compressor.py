@@ -585,6 +585,7 @@ from neural_compressor.common.base_tuning import ConfigLoader
 from neural_compressor.torch.quantization import TuningConfig, autotune
 
 import pathsaliency
+from pathsaliency.lifting import sample_shape
 
 __all__ += ["certified_eval_fn", "CertifiedObjective", "autotune_certified", "CertifiedTuningResult",
             "NoCertifiedConfigError"]
@@ -618,7 +619,7 @@ class CertifiedObjective:
         dtype: torch.dtype = torch.float64,
     ):
         self.reference = reference
-        self.input_shape = tuple(input_shape.shape if torch.is_tensor(input_shape) else input_shape)
+        self.input_shape = sample_shape(input_shape)
         self.example_inputs = None if example_inputs is None else _as_tuple(example_inputs)
         self.output = output
         self.dtype = dtype

@@ -456,6 +456,7 @@ from nncf.torch.function_hook.pruning.magnitude.schedulers import (
 )
 
 import pathsaliency
+from pathsaliency.lifting import sample_shape
 from pathsaliency.pruning import masks_from_scores
 
 __all__ += [
@@ -518,11 +519,6 @@ def _check_ratio(ratio: float) -> float:
     return ratio
 
 
-def _sample_shape(input_shape: Any) -> Tuple[int, ...]:
-    shape = input_shape.shape if torch.is_tensor(input_shape) else input_shape
-    return tuple(int(s) for s in shape)
-
-
 def _own_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Parameters and buffers by name (tied ones under every name), without NNCF's hook storage."""
     prefix = ATR_HOOK_STORAGE + "."
@@ -572,10 +568,10 @@ def _state_for(
             )
         # a plain copy of the architecture: NNCF's own strip (weights times masks, hooks removed)
         shadow = nncf.strip(model, do_copy=True, strip_format=nncf.StripFormat.IN_PLACE)
-        state = _PruneState(shadow, _sample_shape(input_shape), _check_scope(scope or "global"))
+        state = _PruneState(shadow, sample_shape(input_shape), _check_scope(scope or "global"))
         _PRUNED[model] = state
     if input_shape is not None:
-        state.input_shape = _sample_shape(input_shape)
+        state.input_shape = sample_shape(input_shape)
     if scope is not None:
         state.scope = _check_scope(scope)
     if output is not None:
@@ -755,7 +751,7 @@ def prune(
     """
     ratio = _check_ratio(ratio)
     mode = _SCOPE_TO_MODE[_check_scope(scope)]
-    shape = _sample_shape(input_shape)
+    shape = sample_shape(input_shape)
     shadow = copy.deepcopy(model)
     work = copy.deepcopy(model)
     if type(work) is nn.Sequential:
