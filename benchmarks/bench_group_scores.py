@@ -1,6 +1,6 @@
 """All structured (torch-pruning group) scores of a torchvision model: time and peak memory.
 
-    python benchmarks/bench_group_scores.py [--models resnet18 resnet50] [--size 224]
+    python benchmarks/bench_group_scores.py [--models resnet18 resnet50] [--size 224] [--device cuda]
 
 Compares, on the same groups (every group of ``DependencyGraph.get_all_groups``, classifier ignored):
 
@@ -19,54 +19,38 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import time
 
 
-def _measure(model_name, size, method, queue):
+def _measure(model_name, size, method, device, queue):
     import torch
     import torch_pruning as tp
     import torchvision
 
     import pathsaliency as ps
-    from common import forward_time, peak_rss_mb
+    from common import forward_time, median_time, peak_rss_mb, timed
     from pathsaliency.integrations.torch_pruning import PathMetricImportance
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(model_name).eval()
+    model = torchvision.models.get_model(model_name).eval().to(device)
     shape = (3, size, size)
     fwd = forward_time(model, shape, repeat=5)
     base_rss = peak_rss_mb()
-    DG = tp.DependencyGraph().build_dependency(model, torch.randn(1, *shape))
+    DG = tp.DependencyGraph().build_dependency(model, torch.randn(1, *shape, device=device))
     groups = list(DG.get_all_groups(ignored_layers=[model.fc], root_module_types=[torch.nn.Conv2d, torch.nn.Linear]))
     candidates = sum(len(g[0].idxs) for g in groups)
-    t = time.perf_counter()
-    if method == "path-metric":
-        imp = PathMetricImportance(shape)
-        for g in groups:
-            imp(g)
-    elif method == "first-order":
-        imp = PathMetricImportance(shape, exact=False)
-        for g in groups:
-            imp(g)
-    elif method == "magnitude":
-        imp = tp.importance.MagnitudeImportance(p=1)
-        for g in groups:
-            imp(g)
-    elif method == "per-candidate":
+    imps = {"path-metric": lambda: PathMetricImportance(shape),
+            "first-order": lambda: PathMetricImportance(shape, exact=False),
+            "magnitude": lambda: tp.importance.MagnitudeImportance(p=1)}
+    if method == "per-candidate":
         ps.path_norm(model, shape)
-        reps = 5
-        t = time.perf_counter()
-        for _ in range(reps):
-            ps.path_norm(model, shape)
-        per = (time.perf_counter() - t) / reps
-        queue.put({"model": model_name, "method": method, "seconds": per * candidates, "forward_ms": fwd * 1e3,
-                   "x_forward": per * candidates / fwd, "groups": len(groups), "candidates": candidates,
-                   "peak_rss_mb": peak_rss_mb(), "extra_rss_mb": peak_rss_mb() - base_rss})
-        return
-    sec = time.perf_counter() - t
-    queue.put({"model": model_name, "method": method, "seconds": sec, "forward_ms": fwd * 1e3, "x_forward": sec / fwd,
-               "groups": len(groups), "candidates": candidates, "peak_rss_mb": peak_rss_mb(),
-               "extra_rss_mb": peak_rss_mb() - base_rss})
+        per = median_time(lambda _: ps.path_norm(model, shape), repeat=5)
+        sec = per * candidates
+    else:
+        imp = imps[method]()
+        sec, _ = timed(lambda: [imp(g) for g in groups])
+    queue.put({"model": model_name, "method": method, "device": device, "seconds": sec, "forward_ms": fwd * 1e3,
+               "x_forward": sec / fwd, "groups": len(groups), "candidates": candidates,
+               "peak_rss_mb": peak_rss_mb(), "extra_rss_mb": peak_rss_mb() - base_rss})
 
 
 def main():
@@ -74,6 +58,7 @@ def main():
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--methods", nargs="+", default=["path-metric", "first-order", "per-candidate", "magnitude"])
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
@@ -81,7 +66,7 @@ def main():
     for m in args.models:
         for method in args.methods:
             q = ctx.Queue()
-            proc = ctx.Process(target=_measure, args=(m, args.size, method, q))
+            proc = ctx.Process(target=_measure, args=(m, args.size, method, args.device, q))
             proc.start()
             row = q.get()
             proc.join()

@@ -1,6 +1,6 @@
-"""Path-norm and path-magnitude of a torchvision model on CPU, as ratios to one float32 forward pass.
+"""Path-norm and path-magnitude of a torchvision model, as ratios to one float32 forward pass.
 
-    python benchmarks/bench_path_norm.py [--model resnet18] [--size 224] [--repeat 7]
+    python benchmarks/bench_path_norm.py [--model resnet18] [--size 224] [--repeat 7] [--device cuda]
 
 "first call" is a model object the library has never seen (tracing included); "repeated" is a second
 call on the same model (the captured graph and the prepared absolute weights are reused).
@@ -23,10 +23,11 @@ def main():
     p.add_argument("--model", default="resnet18")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the forward pass runs there too)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model).eval()
+    model = torchvision.models.get_model(args.model).eval().to(args.device)
     shape = (3, args.size, args.size)
     fwd = forward_time(model, shape, args.repeat)
 
@@ -48,7 +49,8 @@ def main():
     n64 = ps.path_norm(model, shape, dtype=torch.float64)
     rel = abs(2 ** (n32.log2 - n64.log2) - 1)
 
-    print(f"{args.model} at {args.size}x{args.size}, batch 1, {torch.get_num_threads()} CPU threads")
+    where = torch.cuda.get_device_name() if model.fc.weight.is_cuda else f"{torch.get_num_threads()} CPU threads"
+    print(f"{args.model} at {args.size}x{args.size}, batch 1, {where}")
     print(f"one float32 forward pass: {fwd * 1e3:.1f} ms")
     print(f"{'what':40s} {'ms':>9s} {'x forward':>10s}")
     for k, v in rows.items():
@@ -56,7 +58,7 @@ def main():
     print(f"log10 path-norm {n64.log10:.6f}; float32 vs float64 relative error {rel:.2e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "size": args.size, "forward_ms": fwd * 1e3,
+            json.dump({"model": args.model, "size": args.size, "device": where, "forward_ms": fwd * 1e3,
                        "ratios": {k: v / fwd for k, v in rows.items()}, "float32_rel_error": rel}, f, indent=1)
 
 

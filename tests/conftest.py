@@ -5,6 +5,12 @@ changed any of the given modules: a parameter or buffer (value, dtype, device, i
 ``.grad``), the ``training`` flag of any submodule, or any registered hook (forward, pre-forward,
 backward, state-dict hooks, and the global module hooks). Every library call of the core tests runs
 inside it: the library reads a user's model, it never modifies it.
+
+``shared_path(*parts)``: the path of a file under the shared folder (``$PATHSALIENCY_SHARED``, default
+``../shared``); when it is missing the test skips with the reason outside CI and fails under ``CI=true``.
+
+NNCF builds a C++ extension on first use, which takes minutes on a cold 2-core machine and gives up after
+60 s by default (``ExtensionLoaderTimeoutException``): the suite raises that limit before NNCF is imported.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.modules.module as _module_mod
+
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")  # seconds; read when nncf loads its extension
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores: one thread each (also far faster on a loaded machine)
@@ -111,3 +119,25 @@ def _untouched(*models):
 def assert_untouched():
     """``with assert_untouched(model, other): <library call>`` fails the test if a model changed."""
     return _untouched
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def shared_path():
+    """``shared_path("data", "cifar10", "train.zip")``: that file of the shared folder; skips (outside CI)
+    or fails (``CI=true``) with the reason when it is missing."""
+    from pathlib import Path
+
+    def get(*parts):
+        path = Path(os.environ.get("PATHSALIENCY_SHARED", "../shared")).joinpath(*parts)
+        if not path.exists():
+            msg = (f"{path} missing (set PATHSALIENCY_SHARED to the shared folder; see shared/README.md)")
+            if _in_ci():
+                pytest.fail(msg)
+            pytest.skip(msg)
+        return path
+
+    return get

@@ -89,8 +89,8 @@ def test_autotune_keeps_layers_in_float_until_the_certificate_is_within_toleranc
     assert chosen.within_tolerance and chosen.config == configs[1]
     assert [c for c, _ in chosen.trials] == configs[:2]  # it stopped at the first accepted one
     # the certificate, recomputed directly from the chosen model's weights
-    weights = pinc.effective_weights(chosen.model, resnet20, example_inputs=example)
-    metric = ps.path_metric(resnet20, weights, SHAPE)
+    metric = ps.path_metric(resnet20, pinc.effective_theta(chosen.model, resnet20, example_inputs=example), SHAPE)
+    weights = pinc.effective_weights(chosen.model, resnet20, example_inputs=example)  # unfolded, for the layers
     assert metric.relative <= tolerance
     assert metric.relative == pytest.approx(distances[1], rel=1e-9)
     # layer3 really stayed float (up to the batch-norm fold/unfold rounding), layer1 did not

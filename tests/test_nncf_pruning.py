@@ -193,7 +193,7 @@ def test_nncf_schedulers_recompute_path_magnitude_masks(resnet20, scope):
     effective = _Effective(resnet20)
     scheduler = pn.PathMagnitudeMultiStepScheduler(pruned, steps={0: 0.3, 1: 0.5, 2: 0.8})
     assert isinstance(scheduler, MultiStepMagnitudePruningScheduler)
-    assert scheduler.mode == pn._SCOPE_TO_MODE[scope]
+    assert scheduler.mode == pn.pruning._SCOPE_TO_MODE[scope]
     previous = pn.pruning_masks(pruned)
     ratios = []
     with torch.no_grad():  # a training loop may step it anywhere

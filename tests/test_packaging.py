@@ -2,6 +2,7 @@
 without the optional frameworks, and the command line."""
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -41,8 +42,8 @@ def test_wheel_makes_core_and_adapters_importable(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target)}, check=True).stdout.split()
     assert all(p.startswith(str(target)) for p in out[:2]), out
     assert out[2] == "True"
-    names = {p.name for p in (target / "pathsaliency" / "integrations").iterdir()}
-    assert {"torch_pruning.py", "nncf.py", "neural_compressor.py"} <= names
+    names = {p.name.removesuffix(".py") for p in (target / "pathsaliency" / "integrations").iterdir()}
+    assert {"torch_pruning", "nncf", "neural_compressor"} <= names  # modules or packages
 
 
 BLOCK = """
@@ -74,7 +75,10 @@ def test_core_imports_and_computes_with_every_framework_hidden(tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pathsaliency.cli", *args], capture_output=True, text=True, cwd=cwd)
+    """``python -m pathsaliency.cli`` on this checkout's code (``src/`` first on the path), in ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "pathsaliency.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env)
 
 
 def test_cli_norm_on_the_packaged_cifar_resnet(tmp_path):
@@ -112,3 +116,62 @@ def test_cli_user_factory_and_checkpoint_and_pickle_refusal(tmp_path):
     out = _cli("norm", "mynet:build", "--checkpoint", "whole.pt", "--input-shape", "3,8,8", "--trust-checkpoint",
                cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+
+
+APPLICATION = ("pathsaliency.recipes", "pathsaliency.integrations")
+
+
+def _application(name: str) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in APPLICATION)
+
+
+def _imported(source: str, module: str) -> set:
+    """Absolute names of the modules that ``source`` (the text of module ``module``) imports, lazily or not;
+    ``from X import y`` counts as both ``X`` and ``X.y`` (y may be a submodule)."""
+    package = module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = ".".join(base[:len(base) - node.level + 1]) if node.level else ""
+            frm = ".".join(filter(None, [base, node.module]))
+            names.add(frm)
+            names.update(f"{frm}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _core_modules():
+    """``{module name: path}`` of the core: every module of src/pathsaliency but cli.py, recipes/, integrations/."""
+    pkg = ROOT / "src" / "pathsaliency"
+    out = {}
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg.parent).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        name = ".".join(parts)
+        if name == "pathsaliency.cli" or _application(name):
+            continue
+        out[name if rel.name != "__init__" else name + ".__init__"] = path
+    return out
+
+
+def test_import_scanner_sees_every_form_of_importing_the_application_layer():
+    forms = ["from .recipes import demo", "from . import integrations", "import pathsaliency.recipes.demo",
+             "from pathsaliency.integrations.nncf import x", "def f():\n    from ..recipes.common import y",
+             "from .. import integrations"]
+    for form in forms:
+        names = _imported(form, "pathsaliency.models.cifar_resnet" if ".." in form else "pathsaliency.norm")
+        assert any(_application(n) for n in names), form
+    for harmless in ("from .norm import recipes", "from . import recipes_table", "import recipes"):
+        assert not any(_application(n) for n in _imported(harmless, "pathsaliency.x")), harmless
+
+
+def test_core_never_imports_recipes_or_integrations():
+    """The layers: core <- integrations, recipes <- cli. Only cli.py (the application) may import recipes."""
+    core = _core_modules()
+    assert {"pathsaliency.__init__", "pathsaliency.norm", "pathsaliency.zoo", "pathsaliency.checkpoint",
+            "pathsaliency.models.cifar_resnet"} <= set(core)
+    offenders = {name: sorted(filter(_application, _imported(path.read_text(), name)))
+                 for name, path in core.items()}
+    assert not {k: v for k, v in offenders.items() if v}, offenders

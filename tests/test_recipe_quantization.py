@@ -47,13 +47,17 @@ def _check_run(out, methods, tags):
             assert 0 <= row[key] <= 100
         assert row["full_observed_max"] is not None and report.full_model
         md = (rdir / "report.md").read_text()
-        if row["method"] in ("nncf-int8", "inc-static-int8"):
+        if row["method"] in quantization.ACTIVATIONS_QUANTIZED:
             assert row["activations_quantized"] is True and report.activations_quantized
             assert "NOT certified" in md and "Not certified" in md
             assert row["calibration"].startswith("STAND-IN: packaged sample, 8 test images")
-        else:  # RTN: Linear only, no activation quantization: the full model is the weights-only model
+        else:  # weight-only: no activation quantization: the full model is the weights-only model
             assert row["activations_quantized"] is False and not report.activations_quantized
-            assert "Linear layers only" in row["quantized"]
+            if row["method"].startswith("inc-rtn"):  # RTN: Linear only (640 of ResNet-20's 268,336 weights)
+                assert "Linear layers only" in row["quantized"]
+                assert row["quantized_weights"] == pytest.approx(640 / 268336)
+            else:  # NNCF compress_weights: every conv and linear weight
+                assert row["quantized_weights"] == 1.0
             assert math.isclose(row["full_observed_max"], row["observed_max"], rel_tol=1e-4, abs_tol=1e-5)
     return rows
 
@@ -71,6 +75,18 @@ def test_quantization_recipe_inc_static(tmp_path):
     out = tmp_path / "q"
     quantization.main(ARGS + ["--methods", "inc-static-int8", "--out", str(out)])
     _check_run(out, ["inc-static-int8"], {0.0: "resnet20"})
+
+
+@pytest.mark.slow
+def test_quantization_recipe_nncf_weight_only_and_mixed(tmp_path):
+    out = tmp_path / "q"
+    methods = ["nncf-w8", "nncf-w4", "nncf-int8-mixed"]
+    quantization.main(ARGS + ["--methods", *methods, "--mixed-size", "0.4", "--out", str(out)])
+    rows = _check_run(out, methods, {0.0: "resnet20"})
+    w8, w4, mixed = rows
+    assert w8["D_relative"] < w4["D_relative"]  # INT4 on the linear layer moves more than INT8
+    assert mixed["float_layers"] and 0 < mixed["quantized_weights"] < 1
+    assert w8["float_layers"] == w4["float_layers"] == ""
 
 
 def test_quantization_recipe_rejects_bad_arguments(tmp_path):

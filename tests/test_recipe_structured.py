@@ -66,7 +66,7 @@ def test_frozen_shortcut_channels_follow_the_residual_streams():
 def test_cifar_end_to_end(tmp_path):
     rows = structured.run(models=("resnet20",), data="sample", limit=100, importances=("path-metric", "l1"),
                           ratios=(0.3,), scope="both", out=tmp_path, finetune_epochs=0, workers=0, progress=False,
-                          log=lambda *a: None)
+                          train_data="sample", log=lambda *a: None)  # no training data needed: no download
     assert [(r["importance"], r["scope"]) for r in rows] == [("path-metric", "local"), ("path-metric", "global"),
                                                              ("l1", "local"), ("l1", "global")]
     _check_rows(rows)

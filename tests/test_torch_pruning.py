@@ -595,3 +595,180 @@ def test_a_model_that_does_not_feed_its_input_to_a_layer_asks_for_input_shape():
     with pytest.raises(ValueError, match="input_shape="):
         PathMetricImportance()(group)
     assert PathMetricImportance(input_shape=(3, 8, 8))(group).shape == (8,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The structured certificate: the pruned model embedded back into the original architecture
+# ----------------------------------------------------------------------------------------------------
+
+from pathsaliency.integrations.torch_pruning import (  # noqa: E402
+    ChannelTracker,
+    certify_pruned,
+    sequential_scores,
+)
+
+
+def _prune_tracked(model, shape, ratio, **kw):
+    pruned = copy.deepcopy(model)
+    classifier = [m for m in pruned.modules() if isinstance(m, nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(pruned, torch.randn(1, *shape, dtype=F64), importance=PathMetricImportance(dtype=F64),
+                                  pruning_ratio=ratio, ignored_layers=[classifier], **kw)
+    tracker = ChannelTracker(pruned)
+    for _ in range(kw.get("iterative_steps", 1)):
+        for group in pruner.step(interactive=True):
+            tracker.record(group)
+            group.prune()
+    return pruned.eval(), tracker
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet"])
+def test_embedded_pruned_model_computes_the_pruned_function_and_certifies_it(name, assert_untouched):
+    builder, shape, _ = EXACT_MODELS[name]
+    model = _randomized(_seeded(builder))
+    pruned, tracker = _prune_tracked(model, shape, 0.4, iterative_steps=2)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    with assert_untouched(model, pruned):
+        embedded = tracker.embedded(model, pruned)
+        d = certify_pruned(model, pruned, tracker, shape)
+    x = torch.randn(64, *shape, dtype=F64) * 3
+    with torch.no_grad():
+        y, yp, ye = model(x), pruned(x), embedded(x)
+    torch.testing.assert_close(ye, yp, rtol=1e-12, atol=1e-12 * float(yp.abs().max()))
+    # the embedding is dominated by the original: D is exact and equals the zeroed copy's distance
+    assert d.exact and 0 < d.relative < 1
+    assert d.value == pytest.approx(path_metric(model, tracker.zeroed(model), shape, dtype=F64).value, rel=1e-12)
+    observed = (y - yp).abs().sum(1)
+    bound = x.reshape(len(x), -1).abs().amax(1).clamp_min(1.0) * d.value
+    assert bool((observed <= bound).all())
+
+
+def test_embedding_refuses_a_pruned_model_whose_untracked_layer_changed_shape():
+    model = _randomized(_seeded(TinyDenseNet))
+    pruned, tracker = _prune_tracked(model, (3, 8, 8), 0.25)
+    kept = dict(tracker.kept)
+    del kept["stem.0"]
+    from pathsaliency.errors import ArchitectureMismatchError
+    from pathsaliency.structured import embed_pruned
+
+    with pytest.raises(ArchitectureMismatchError, match="stem.0"):
+        embed_pruned(model, pruned, kept)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Global pruning reaches its ratio (sequential scores)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _root_channels(pruner):
+    return sum(pruner.DG.get_out_channels(g[0].dep.target.module) // pruner._get_channel_groups(g)
+               for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                 root_module_types=pruner.root_module_types))
+
+
+GLOBAL_CASES = {  # id: (torchvision model, exact, iterative steps)
+    "resnet18-exact-one-shot": ("resnet18", True, 1),
+    "resnet18-first-order-iterative": ("resnet18", False, 3),
+    "resnet50-first-order-one-shot": ("resnet50", False, 1),
+    "densenet121-first-order-iterative": ("densenet121", False, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(GLOBAL_CASES))
+def test_global_pruning_with_sequential_scores_removes_the_requested_ratio(case):
+    name, exact, steps = GLOBAL_CASES[case]
+    model, ignored = _build(name)
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    pruner = tp.pruner.MetaPruner(model, x, importance=PathMetricImportance((3, 64, 64), exact=exact,
+                                                                            sequential=True),
+                                  pruning_ratio=0.5, global_pruning=True, iterative_steps=steps,
+                                  ignored_layers=ignored)
+    total = pruner.initial_total_channels
+    for step in range(steps):
+        pruner.step()
+        target = total * 0.5 * (step + 1) / steps
+        removed = total - _root_channels(pruner)
+        assert abs(removed - target) <= max(2, 0.005 * total), (step, removed, target, total)
+    with torch.no_grad():
+        assert bool(torch.isfinite(model(x)).all())
+
+
+def test_raw_scores_miss_the_global_ratio_because_whole_groups_fall_below_the_threshold():
+    """The defect the sequential scores fix: with raw scores the global threshold lies above every
+    channel of ResNet-18's widest groups, and MetaPruner refuses those groups whole."""
+    model, ignored = _build("resnet18")
+    pruner = tp.pruner.MetaPruner(model.eval(), torch.randn(1, 3, 64, 64),
+                                  importance=PathMetricImportance((3, 64, 64), exact=False),
+                                  pruning_ratio=0.5, global_pruning=True, ignored_layers=ignored)
+    total = pruner.initial_total_channels
+    pruner.step()
+    assert (total - _root_channels(pruner)) / total < 0.3
+
+
+def test_sequential_scores_keep_the_group_order_and_are_never_constant():
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 5, 64):
+        raw = torch.rand(n, generator=g, dtype=F64) / n
+        raw[: n // 3] = 0.0  # dead channels tie at zero
+        s = sequential_scores(raw)
+        assert bool(torch.isfinite(s).all()) and bool(((s >= 0) & (s <= 1)).all())
+        assert float(s.max()) == 1.0 and float(s.max() - s.min()) > 0
+        order = torch.sort(raw, stable=True).indices
+        assert bool((s[order][1:] >= s[order][:-1]).all())  # a cheaper channel never scores higher
+    assert sequential_scores(torch.zeros(3, dtype=F64)).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_group_norm_pruner_regularisation_stays_finite_with_sequential_scores():
+    """GroupNormPruner normalises each group's scores by (max - min): a constant vector gives 0/0 = NaN
+    gradients. Sequential scores are never constant on two or more channels."""
+    model = _randomized(_seeded(TinyDenseNet), dtype=torch.float32)
+    x = torch.randn(2, 3, 8, 8)
+    pruner = tp.pruner.GroupNormPruner(model, x, importance=PathMetricImportance((3, 8, 8), sequential=True),
+                                       global_pruning=True, iterative_steps=3, pruning_ratio=0.5,
+                                       ignored_layers=[model.fc])
+    for _ in range(3):
+        model.zero_grad()
+        model(x).sum().backward()
+        pruner.update_regularizer()
+        pruner.regularize(model)
+        assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        for group in pruner.step(interactive=True):
+            group.prune()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Groups coupled through an unflatten (torch-pruning's tests/test_reshape.py model)
+# ----------------------------------------------------------------------------------------------------
+
+
+class Unflatten(nn.Module):
+    """Linear 4096 -> view(n, 256, 4, 4) -> ConvTranspose: root feature c of the linear layer shares input
+    channel c // 16 of the transposed conv with 15 other features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4096)
+        self.up = nn.ConvTranspose2d(256, 4, 4, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.fc(x))
+        return self.up(y.view(y.shape[0], -1, 4, 4))
+
+
+def test_unflatten_groups_score_what_physical_pruning_removes():
+    model = _randomized(_seeded(Unflatten))
+    shape = (8,)
+    DG = _graph(model, shape)
+    n0 = float(path_norm(model, shape, dtype=F64))
+    imp = PathMetricImportance(input_shape=shape, dtype=F64)
+    rng = random.Random(0)
+    for group in DG.get_all_groups():
+        scores = imp(group)
+        n = len(scores)
+        picks = sorted({0, n - 1} | set(rng.sample(range(n), min(6, n))))
+        for j in picks:
+            pruned = _physically_pruned(model, shape, _root_name(group), group[0].dep.handler, [j])
+            lost = n0 - float(path_norm(pruned, shape, dtype=F64))
+            _assert_score_is_loss(float(scores[j]), n0, lost, f"group {_root_name(group)}, channel {j}")
+        if n == 4096:  # the 16 features of one transposed-conv channel go together: one score
+            assert torch.equal(scores.view(256, 16), scores.view(256, 16)[:, :1].expand(256, 16))

@@ -23,7 +23,6 @@ Every node of the graph that the selected output depends on is classified as
 from __future__ import annotations
 
 import builtins
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -65,8 +64,10 @@ class _LeafRoot(nn.Module):
 
 
 def eval_view(module: nn.Module) -> nn.Module:
-    """A shallow copy of the module tree in evaluation mode, sharing parameters and buffers."""
-    view = copy.copy(module)
+    """A shallow copy of the module tree in evaluation mode, sharing parameters and buffers (built
+    without ``copy.copy``, which parametrized modules refuse)."""
+    view = type(module).__new__(type(module))
+    view.__dict__.update(module.__dict__)
     view.__dict__["_parameters"] = dict(module._parameters)
     view.__dict__["_buffers"] = dict(module._buffers)
     view.__dict__["_modules"] = {k: (eval_view(m) if m is not None else None) for k, m in module._modules.items()}

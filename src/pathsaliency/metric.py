@@ -17,6 +17,8 @@ import torch
 from .lifting import check_same_architecture, compute_dtype, lift
 from .norm import PathValue
 from .passes import Weights, coupled_pass
+from .precision import ieee_float32
+from .theta import Theta
 
 
 @dataclass(frozen=True, repr=False)
@@ -56,7 +58,8 @@ def _log2_add(a: float, b: float) -> float:
 
 
 def _dominates(big: dict, small: dict) -> bool:
-    """``|small| <= |big|`` coordinatewise with compatible signs, for every step."""
+    """``|small| <= |big|`` coordinatewise with compatible signs, for every step (read back once)."""
+    ok = []
     for node, (w, b) in big.items():
         w2, b2 = small[node]
         for x, y in ((w, w2), (b, b2)):
@@ -64,9 +67,8 @@ def _dominates(big: dict, small: dict) -> bool:
                 continue
             x = torch.zeros_like(y) if x is None else x
             y = torch.zeros_like(x) if y is None else y
-            if not bool(((y.abs() <= x.abs()) & (x * y >= 0)).all()):
-                return False
-    return True
+            ok.append(((y.abs() <= x.abs()) & (x * y >= 0)).all())
+    return bool(torch.stack(ok).all()) if ok else True
 
 
 def _abs(w, b):
@@ -99,20 +101,22 @@ def _filled(ws: dict, like: dict) -> dict:
     return out
 
 
+@ieee_float32()
 def path_metric(model, other, input_shape, *, output=None, dtype=torch.float64) -> PathMetric:
     """The certified l1 path-metric ``D(theta, theta')`` between ``model`` and ``other``.
 
     ``other`` has the same architecture: an ``nn.Module`` (a pruned copy with zeros, a quantized copy with
-    dequantized weights, a fine-tuned copy) or a state dict of its parameters and buffers. Neither model
-    is modified. ``dtype`` is float64 by default: this is a certificate.
+    dequantized weights, a fine-tuned copy), a state dict of its parameters and buffers, or a
+    :class:`~pathsaliency.Theta` (what an integration's ``effective_theta`` returns); ``model`` is an
+    ``nn.Module`` or a ``Theta``. Neither model is modified. ``dtype`` is float64 by default: this is a
+    certificate.
     """
     dtype = compute_dtype(dtype)
-    lifted = lift(model, output)
-    check_same_architecture(model, lifted, other, output)
+    lifted, model = _lifted_pair(model, other, output)
     shape = lifted.sample_shape(input_shape)
     dev = lifted.device
     with torch.no_grad():
-        p, r = lifted.signed(model, dtype, "reference model"), lifted.signed(other, dtype, "other model")
+        p, r = _signed(lifted, model, dtype, "reference model"), _signed(lifted, other, dtype, "other model")
         if _dominates(p, r):
             a, b = _abs_all(p), _abs_all(r)
             log2_d, log2_small = coupled_pass(lifted.plan, a, _filled(b, a), shape, dtype=dtype, device=dev)
@@ -127,6 +131,21 @@ def path_metric(model, other, input_shape, *, output=None, dtype=torch.float64) 
         d2, _ = coupled_pass(lifted.plan, _filled(b, m), m, shape, dtype=dtype, device=dev)
         log2_d = _log2_add(float(d1[0]), float(d2[0]))
         return PathMetric(log2_d, False, _log2_add(float(d1[0]), float(s1[0])))
+
+
+def _lifted_pair(model, other, output):
+    """The lifted reference architecture of ``model`` (a module or a Theta), checked against ``other``'s."""
+    ref = model.reference if isinstance(model, Theta) else model
+    lifted = lift(ref, output)
+    check_same_architecture(ref, lifted, other.reference if isinstance(other, Theta) else other, output)
+    return lifted, model
+
+
+def _signed(lifted, source, dtype, what) -> dict:
+    """node -> signed ``(W, b)`` of ``source``: a module, a state dict or a Theta (``what`` names it in errors)."""
+    if isinstance(source, Theta):
+        return source.signed(lifted.plan, dtype, lifted.device)
+    return lifted.signed(source, dtype, what)
 
 
 def _abs_all(p: dict) -> dict:
@@ -146,6 +165,7 @@ def lipschitz_bound(model, other, x, *, output=None, dtype=torch.float64) -> tor
     return torch.exp2(torch.log2(scale) + d.log2)
 
 
+@ieee_float32()
 def layer_distances(model, other, input_shape, *, output=None, dtype=torch.float64) -> dict:
     """``{layer: D(theta, theta with only that layer from other)}`` for every affine layer (a conv/linear
     with its folded batch-norm, or a standalone batch-norm), keyed by its module name.
@@ -155,19 +175,19 @@ def layer_distances(model, other, input_shape, *, output=None, dtype=torch.float
     ``||Phi(theta)|| - ||Phi(theta'')|| = <(A - M) u + (b_A - b_M), g>`` exactly when only that layer
     differs. All layers together cost one forward and one backward pass plus one layer application each,
     instead of one coupled pass per layer. Layers whose module is called twice along one path fall back
-    to :func:`path_metric` with a state dict.
+    to :func:`path_metric` with only that layer changed. ``other``: a module, a state dict or a
+    :class:`~pathsaliency.Theta`.
     """
     from .profile import profile
     from .saliency import _reentrant_modules
 
     dtype = compute_dtype(dtype)
-    lifted = lift(model, output)
-    check_same_architecture(model, lifted, other, output)
+    lifted, model = _lifted_pair(model, other, output)
     plan = lifted.plan
     shape = lifted.sample_shape(input_shape)
     prof = profile(model, lifted, shape, dtype)
     reentrant = set(_reentrant_modules(lifted, model))
-    p, r = lifted.signed(model, dtype, "reference model"), lifted.signed(other, dtype, "other model")
+    p, r = _signed(lifted, model, dtype, "reference model"), _signed(lifted, other, dtype, "other model")
     out_e = prof.cache[plan.output].e.to(torch.float64)
     result = {}
     with torch.no_grad():
@@ -176,13 +196,7 @@ def layer_distances(model, other, input_shape, *, output=None, dtype=torch.float
             by_layer.setdefault(step.name, []).append(node)
         for name, nodes in by_layer.items():
             if name in reentrant:
-                from . import params
-                changed = {**params.named_tensors(model)}
-                theirs = params.named_tensors(other)
-                for n in nodes:
-                    for t in params.step_tensor_names(plan.affine[n]):
-                        if t in theirs:
-                            changed[t] = theirs[t]
+                changed = Theta(model, {n.name: (r if n in nodes else p)[n] for n in p}, output)
                 result[name] = path_metric(model, changed, shape, output=output, dtype=dtype)
                 continue
             log2_d, exact = -math.inf, True

@@ -8,6 +8,7 @@ import torch
 
 from .lifting import compute_dtype, lift
 from .passes import norm_pass
+from .precision import ieee_float32
 
 LOG10_2 = math.log10(2.0)
 
@@ -44,6 +45,7 @@ class PathValue:
         return f"{type(self).__name__}(log10={self.log10:.6g}, value={self.value:.6g})"
 
 
+@ieee_float32()
 def path_norm(model, input_shape, q=1, *, output=None, dtype=torch.float32) -> PathValue:
     """``||Phi(theta)||_q^q``: the sum over all paths of ``|product of weights along the path|**q``.
 

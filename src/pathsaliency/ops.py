@@ -170,10 +170,10 @@ def adaptive_window_counts(in_size, out_size, like):
     """Number of inputs in each window of adaptive pooling, as a broadcastable tensor."""
     counts = None
     for dim, (n, m) in enumerate(zip(in_size, out_size)):
-        i = torch.arange(m, dtype=torch.float64)
+        i = torch.arange(m, dtype=torch.float64, device=like.device)  # no copy to the device per pass
         start = torch.floor(i * n / m)
         end = torch.ceil((i + 1) * n / m)
-        c = (end - start).to(like.dtype).to(like.device)
+        c = (end - start).to(like.dtype)
         shape = [1] * len(in_size)
         shape[dim] = m
         c = c.view(shape)

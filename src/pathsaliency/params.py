@@ -12,6 +12,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from . import compressed
 from .errors import ArchitectureMismatchError, PathSaliencyError
 
 
@@ -21,13 +22,12 @@ def qualified(module: str, name: str) -> str:
 
 
 def named_tensors(source) -> Mapping[str, torch.Tensor]:
-    """Parameters and buffers of a module by qualified name (shared tensors under every name), or a
-    state dict as given."""
+    """The tensors a module computes with by qualified name (:func:`compressed.module_tensors`: refuses a
+    compressed model it cannot read), or a state dict as given (refused if it holds integer weights)."""
     if isinstance(source, nn.Module):
-        out = dict(source.named_parameters(remove_duplicate=False))
-        out.update(source.named_buffers(remove_duplicate=False))
-        return out
+        return compressed.module_tensors(source)
     if isinstance(source, Mapping):
+        compressed.check_storage(source, "state dict")
         return source
     raise TypeError(f"expected an nn.Module or a mapping of parameter names to tensors, got {type(source).__name__}")
 
@@ -93,7 +93,12 @@ def _scale_outputs(step, w, s):
 
 def check_finite(tensors: Mapping[str, torch.Tensor], names, what="model"):
     """Refuse NaN or infinite parameters, naming them and the model (``what``) they belong to."""
-    bad = [n for n in names if n in tensors and tensors[n].is_floating_point() and not torch.isfinite(tensors[n]).all()]
+    checked = [n for n in names if n in tensors and tensors[n].is_floating_point()]
+    if not checked:
+        return
+    device = tensors[checked[0]].device  # one read-back for all tensors, not one per tensor
+    finite = torch.stack([torch.isfinite(tensors[n]).all().to(device) for n in checked]).tolist()
+    bad = [n for n, ok in zip(checked, finite) if not ok]
     if bad:
         raise PathSaliencyError(f"the {what} has NaN or infinite values in: {', '.join(bad)}")
 

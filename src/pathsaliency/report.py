@@ -8,37 +8,31 @@ that data. Every sample's observed deviation is checked against its own certifie
 exceeds it (beyond float rounding) is a bug, and :class:`CertificateViolation` is raised instead of a
 report. The certificate covers **weight** changes only: the deviation of a model that also quantizes
 its activations is measured and reported apart, never as certified.
+
+This module holds the record (:class:`RobustnessReport`, :class:`LayerDistance`), its JSON and Markdown,
+and :func:`robustness_report`, which assembles it: the models run in :mod:`pathsaliency.evaluate`, the
+check is :func:`pathsaliency.bound.check_bound`, the figure is :mod:`pathsaliency.report_plot`.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import typing
-import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
+from .bound import CertificateViolation, check_bound, rounding_allowance
 from .errors import PathSaliencyError
+from .evaluate import batches, deviation, evaluate, input_bounds, num_batches, peek, resolve_device
 from .lifting import lift
 from .metric import layer_distances, path_metric
 from .params import named_tensors, step_tensor_names
+from .theta import Theta
 
 __all__ = ["robustness_report", "RobustnessReport", "LayerDistance", "CertificateViolation"]
-
-TENSOR_BATCH = 256  # a tensor given as ``data`` is evaluated in chunks of this many samples
-REL_TOL = 1e-6  # float rounding allowed when checking observed <= certified (relative to the bound) ...
-ABS_TOL_EPS = 64  # ... plus this many machine epsilons of the outputs' l1 norms
-_RECIPES_HINT = "pip install 'pathsaliency[recipes]'"
-
-
-class CertificateViolation(PathSaliencyError, AssertionError):
-    """An observed deviation exceeds its certified bound: a bug in pathsaliency (or in the effective
-    weights handed to it), never a property of the model. No report is produced."""
 
 
 @dataclass
@@ -170,78 +164,16 @@ class RobustnessReport:
 
     # ------------------------------------------------------------------ figure
     def plot(self, path) -> None:
-        """A PNG: per-layer certified distance (log scale) next to the observed deviation and the
-        certified bound of the whole model."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError(f"RobustnessReport.plot needs matplotlib: {_RECIPES_HINT}") from exc
-        layers = self.layers or []
-        big = [l.distance for l in layers] + [self.distance, self.certified_bound]
-        as_log10 = not all(math.isfinite(v) for v in big)  # beyond float64: plot log10 on a linear axis
+        """A PNG of the report (:func:`pathsaliency.report_plot.plot_report`; needs matplotlib)."""
+        from .report_plot import plot_report
 
-        def val(v, log10):
-            return log10 if as_log10 else v
-
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(9.0, 5.0 + 0.35 * len(layers)), 5.5),
-                                       gridspec_kw={"width_ratios": [max(3.0, 0.35 * len(layers)), 2.5]})
-        unit = "log10 " if as_log10 else ""
-        if layers:
-            ax1.bar(range(len(layers)), [val(l.distance, l.log10_distance) for l in layers], width=0.7,
-                    color=["tab:blue" if l.exact else "tab:orange" for l in layers])
-            ax1.set_xticks(range(len(layers)))
-            ax1.set_xticklabels([l.name for l in layers], rotation=90, fontsize=7)
-            if self.distance > 0:
-                ax1.axhline(val(self.distance, self.log10_distance), color="k", ls="--", lw=1,
-                            label="whole model D")
-                ax1.legend(fontsize=8)
-        else:
-            ax1.text(0.5, 0.5, "per-layer breakdown not computed" if self.layers is None else "no layer changed",
-                     ha="center", va="center", transform=ax1.transAxes)
-        positive = [l.distance for l in layers if l.distance > 0]
-        if not as_log10 and positive:
-            ax1.set_yscale("log")
-            ax1.set_ylim(bottom=min(positive) / 10)
-        ax1.set_xlabel("layer (only this layer compressed; blue: exact, orange: upper bound)")
-        ax1.set_ylabel(f"{unit}certified distance D")
-        ax1.set_title("Per-layer certified distance")
-
-        names = ["certified\nbound", "observed\nmax", "observed\nmean"]
-        values = [self.certified_bound, self.observed_max, self.observed_mean]
-        logs = [self.log10_certified_bound, _log10(self.observed_max), _log10(self.observed_mean)]
-        colors = ["tab:green", "tab:blue", "tab:cyan"]
-        if self.full_model:
-            names += ["full model\nmax (not\ncertified)"]
-            values += [self.full_observed_max]
-            logs += [_log10(self.full_observed_max)]
-            colors += ["tab:red"]
-        heights = [val(v, lg) for v, lg in zip(values, logs)]
-        bars = ax2.bar(range(len(names)), heights, color=colors)
-        if self.full_model:
-            bars[-1].set_hatch("//")
-        ax2.set_xticks(range(len(names)))
-        ax2.set_xticklabels(names, fontsize=7)
-        if not as_log10 and any(v > 0 for v in values):
-            ax2.set_yscale("log")
-        ax2.set_ylabel(f"{unit}‖R_θ(x) − R_θ'(x)‖₁")
-        ax2.set_title(f"Whole model\n(observed / certified ≤ {self.observed_to_certified:.2g} per sample)", fontsize=10)
-        fig.suptitle(f"Robustness report{': ' + self.name if self.name else ''}  "
-                     f"(D/‖Φ(θ)‖₁ = {self.relative_distance:.3g}, {'exact' if self.exact else 'upper bound'})")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        plot_report(self, path)
 
 
 # ---------------------------------------------------------------------------------------- helpers (text)
 
 def _log(v: float) -> str:
     return f"{v:.4f}" if math.isfinite(v) else ("-inf" if v < 0 else "inf")
-
-
-def _log10(v: float) -> float:
-    return math.log10(v) if v > 0 else -math.inf
 
 
 def _big(value: float, log10: float) -> str:
@@ -279,219 +211,67 @@ def _decode_fields(cls, raw: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------- helpers (models)
-
-@contextmanager
-def _evaluating(models, device):
-    """Every module of ``models`` in eval mode, each module's own training flag restored afterwards;
-    TF32 off on CUDA so that the observed deviations are float32-accurate."""
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    tf32 = None
-    if device.type == "cuda":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        for model in models:
-            model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        if tf32 is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    t = next(iter(named_tensors(model).values()), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
-def _dtype_of(model: nn.Module) -> Optional[torch.dtype]:
-    return next((t.dtype for t in named_tensors(model).values() if t.is_floating_point()), None)
-
-
-def _on(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` if all of it is on ``device``, else a copy moved there (the user's model never moves)."""
-    devices = {t.device for t in named_tensors(model).values()}
-    if not devices or devices == {device}:
-        return model
-    return copy.deepcopy(model).to(device)
-
-
-def _same_architecture(a: nn.Module, b: nn.Module) -> bool:
-    """The same module tree (names and classes) and the same tensor names and shapes."""
-    if [(n, type(m)) for n, m in a.named_modules()] != [(n, type(m)) for n, m in b.named_modules()]:
-        return False
-    ta, tb = named_tensors(a), named_tensors(b)
-    return ta.keys() == tb.keys() and all(tuple(ta[k].shape) == tuple(tb[k].shape) for k in ta)
-
-
-def _weights_only_model(reference: nn.Module, effective_weights) -> nn.Module:
-    """A deep copy of ``reference`` holding ``effective_weights`` (parameters and/or buffers by name)."""
-    if not hasattr(effective_weights, "items"):
-        raise TypeError("effective_weights must be a mapping {tensor name: tensor} (a state dict)")
-    model = copy.deepcopy(reference)
-    target = named_tensors(model)
-    unknown = [k for k in effective_weights if k not in target]
-    if unknown:
-        raise PathSaliencyError(f"effective_weights has tensors the reference does not: {unknown[:5]}"
-                                f"{' ...' if len(unknown) > 5 else ''}")
-    with torch.no_grad():
-        for name, value in effective_weights.items():
-            if not torch.is_tensor(value):
-                raise TypeError(f"effective_weights['{name}'] is a {type(value).__name__}, not a tensor")
-            t = target[name]
-            if tuple(value.shape) != tuple(t.shape):
-                raise PathSaliencyError(f"effective_weights['{name}'] has shape {tuple(value.shape)}, the reference "
-                                        f"tensor has shape {tuple(t.shape)}")
-            t.copy_(value.detach())
-    return model
-
-
-def _select(out, output):
-    if output is not None:
-        out = output(out) if callable(output) else out[output]
-    if not torch.is_tensor(out):
-        raise PathSaliencyError(f"the model returns a {type(out).__name__}; choose the tensor with output=...")
-    return out
-
-
-# ---------------------------------------------------------------------------------------- helpers (data)
-
-def _batches(data):
-    """Yield ``(x, y or None)``: ``data`` is a tensor, a map-style Dataset, an ``(x, y)`` tuple or an
-    iterable of tensors or of ``(x, ...)`` tuples (a DataLoader)."""
-    if torch.is_tensor(data):
-        for start in range(0, data.shape[0], TENSOR_BATCH):
-            yield data[start:start + TENSOR_BATCH], None
-        return
-    if (isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]) and torch.is_tensor(data[1])
-            and not data[1].is_floating_point() and data[1].shape[:1] == data[0].shape[:1]):
-        for start in range(0, data[0].shape[0], TENSOR_BATCH):
-            yield data[0][start:start + TENSOR_BATCH], data[1][start:start + TENSOR_BATCH]
-        return
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        data = torch.utils.data.DataLoader(data, batch_size=TENSOR_BATCH)
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise TypeError(f"data must be a tensor or an iterable of batches, got {type(data).__name__}") from None
-    for item in iterator:
-        if torch.is_tensor(item):
-            yield item, None
-        elif isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]):
-            y = item[1] if len(item) > 1 and torch.is_tensor(item[1]) else None
-            yield item[0], y
-        else:
-            raise TypeError(f"each batch must be a tensor or an (x, ...) tuple, got {type(item).__name__}")
-
-
-def _num_batches(data, max_batches):
-    if torch.is_tensor(data):
-        n = math.ceil(data.shape[0] / TENSOR_BATCH)
-    else:
-        try:
-            n = len(data)
-        except TypeError:
-            n = None
-    if n is not None and max_batches is not None:
-        n = min(n, max_batches)
-    return n
-
-
-class _Stats:
-    """Per-sample observed deviations and top-1 counts of one model against the reference."""
-
-    def __init__(self):
-        self.dev, self.atol = [], []
-        self.agree = self.correct = self.positions = self.labelled = 0
-
-    def add(self, ref_out, out, ref_pred, labels):
-        diff = (ref_out.double() - out.double()).reshape(ref_out.shape[0], -1)
-        self.dev.append(diff.abs().sum(1).cpu())
-        eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
-        mag = ref_out.double().reshape(ref_out.shape[0], -1).abs().sum(1) + out.double().reshape(out.shape[0], -1).abs().sum(1)
-        self.atol.append((ABS_TOL_EPS * eps * mag).cpu())
-        if ref_pred is not None:
-            pred = out.argmax(1)
-            self.agree += int((pred == ref_pred).sum())
-            self.positions += ref_pred.numel()
-            if labels is not None:
-                self.correct += int((pred == labels).sum())
-                self.labelled += labels.numel()
-
-    def deviations(self):
-        return torch.cat(self.dev)
-
-    def agreement(self):
-        return 100.0 * self.agree / self.positions if self.positions else None
-
-    def accuracy(self):
-        return 100.0 * self.correct / self.labelled if self.labelled else None
-
-
 # ---------------------------------------------------------------------------------------- the report
 
-def robustness_report(reference: nn.Module, compressed: Optional[nn.Module], data, *, effective_weights=None,
-                      input_shape=None, output=None, per_layer: bool = True, max_batches: Optional[int] = None,
-                      device=None, progress: bool = False, activations_quantized: Optional[bool] = None,
-                      name: Optional[str] = None) -> RobustnessReport:
+def robustness_report(reference: nn.Module, compressed: Optional[nn.Module], data, *, theta: Optional[Theta] = None,
+                      effective_weights=None, input_shape=None, output=None, per_layer: bool = True,
+                      max_batches: Optional[int] = None, device=None, progress: Optional[bool] = None,
+                      activations_quantized: Optional[bool] = None, name: Optional[str] = None) -> RobustnessReport:
     """The robustness report of ``compressed`` against ``reference`` on ``data`` (MATH.md section 7).
 
-    - Without ``effective_weights``, ``compressed`` has the reference's architecture; it is the
-      *weights-only model* whose parameters ``theta'`` are certified.
-    - With ``effective_weights`` (a state dict for the reference's architecture, e.g. the dequantized
-      weights extracted from an NNCF or INC model; missing tensors keep the reference's values), the
-      weights-only model is a copy of ``reference`` holding them, and ``compressed`` (any model, e.g.
-      one with activation quantizers, or None) is measured separately as the *full model*: its
-      deviation is reported, never certified.
-    - ``activations_quantized`` (for the wording): by default True exactly when ``effective_weights`` is
-      given and ``compressed`` is not a plain model of the reference's architecture.
+    - Without ``theta``, ``compressed`` has the reference's architecture; it is the *weights-only
+      model* whose parameters ``theta'`` are certified.
+    - With ``theta`` (a :class:`~pathsaliency.Theta` of the reference's architecture, e.g. what an
+      integration's ``effective_theta`` read back from an NNCF or INC model), the weights-only model is
+      ``theta.to_module()``, and ``compressed`` (any model, e.g. one with activation quantizers, or None)
+      is measured separately as the *full model*: its deviation is reported, never certified.
+      ``effective_weights`` (a state dict for the reference's architecture; missing tensors keep the
+      reference's values) is the same as ``theta=Theta.from_state_dict(reference, {**reference's, **them})``.
+    - ``activations_quantized`` (for the wording): whether the full model also quantizes its activations.
+      The caller knows (the integrations say it: NNCF and INC static quantization do, weight-only
+      compression and pruning do not). Left None, it is False without a full model and, with one,
+      True exactly when the full model is not a plain model of the reference's architecture: the cautious
+      reading, which says that its deviation is not certified.
 
     ``data``: a tensor (one or more batches), an ``(x, y)`` tuple, or an iterable of tensors or of
     ``(x, y)`` / ``(x, ...)`` tuples (a DataLoader); ``max_batches`` limits it. Labels (integer tensors)
     give top-1 accuracies. ``input_shape`` (one sample) defaults to the data's; every batch must match it.
-    Models are evaluated in eval mode under ``torch.no_grad`` on ``device`` (default: the reference's;
-    a model elsewhere is copied there), their training flags restored; nothing is modified.
+    Models are evaluated by :func:`pathsaliency.evaluate.evaluate` on ``device`` (default: the
+    reference's); nothing is modified. ``progress``: a tqdm bar (None: when stderr is a terminal).
     ``per_layer``: also the certified distance of each changed layer alone.
 
     Raises :class:`CertificateViolation` (a bug) if a sample's observed deviation of the weights-only
-    model exceeds ``max(1, ||x||_inf) * D`` beyond float rounding.
+    model exceeds ``max(1, ||x||_inf) * D`` beyond float rounding (:func:`pathsaliency.bound.check_bound`).
     """
     if not isinstance(reference, nn.Module):
         raise TypeError(f"reference must be an nn.Module, got {type(reference).__name__}")
     if compressed is not None and not isinstance(compressed, nn.Module):
         raise TypeError(f"compressed must be an nn.Module, got {type(compressed).__name__}")
-    if effective_weights is None and compressed is None:
-        raise ValueError("give the compressed model, or effective_weights")
+    if theta is not None and effective_weights is not None:
+        raise ValueError("give theta or effective_weights, not both")
+    if theta is not None and not isinstance(theta, Theta):
+        raise TypeError(f"theta must be a pathsaliency.Theta, got {type(theta).__name__}")
+    if effective_weights is not None:
+        if not hasattr(effective_weights, "items"):
+            raise TypeError("effective_weights must be a mapping {tensor name: tensor} (a state dict)")
+        theta = Theta.from_state_dict(reference, {**named_tensors(reference), **effective_weights}, output=output)
+    if theta is None and compressed is None:
+        raise ValueError("give the compressed model, or theta")
     if activations_quantized is None:
-        activations_quantized = (effective_weights is not None and compressed is not None
+        activations_quantized = (theta is not None and compressed is not None
                                  and not _same_architecture(reference, compressed))
-    if activations_quantized and effective_weights is None:
-        raise ValueError("activations_quantized=True needs effective_weights: the weights whose change is certified "
-                         "(the certificate does not cover activation quantization)")
+    if activations_quantized and theta is None:
+        raise ValueError("activations_quantized=True needs theta (or effective_weights): the weights whose change "
+                         "is certified (the certificate does not cover activation quantization)")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be at least 1, got {max_batches}")
 
-    device = torch.device(device) if device is not None else _device_of(reference)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    ref = _on(reference, device)
-    if effective_weights is not None:
-        weights_only = _weights_only_model(ref, effective_weights)
-        full = _on(compressed, device) if compressed is not None else None
-    else:
-        weights_only, full = _on(compressed, device), None
-    models = [ref, weights_only] + ([full] if full is not None else [])
+    device = resolve_device(device, reference)
+    weights_only = theta.to_module() if theta is not None else compressed
+    full = compressed if theta is not None else None
+    models = [reference, weights_only] + ([full] if full is not None else [])
 
-    batches = _batches(data)
-    first = next(batches, None)
+    first, stream = peek(batches(data))
     if first is None:
         raise ValueError("data gave no batch")
     sample_shape = tuple(first[0].shape[1:])
@@ -505,62 +285,38 @@ def robustness_report(reference: nn.Module, compressed: Optional[nn.Module], dat
     input_shape = sample_shape
 
     # the certificate first: an architecture mismatch fails before any evaluation
-    metric = path_metric(ref, weights_only, input_shape, output=output)
+    metric = path_metric(reference, theta if theta is not None else weights_only, input_shape, output=output)
 
-    total = _num_batches(data, max_batches)
-    stream = _chain(first, batches)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError as exc:
-            raise ImportError(f"progress=True needs tqdm: {_RECIPES_HINT}") from exc
-        stream = bar = tqdm(stream, total=total, desc="robustness report")
+    scales, dev, atol, ref_correct, labelled = [], [], [], 0, 0
+    w_stats, f_stats = _Agreement(), _Agreement()
+    f_dev = []
+    for x, y, outs in evaluate(models, stream, device=device, output=output, max_batches=max_batches,
+                               total=num_batches(data, max_batches), progress=progress, sample_shape=input_shape,
+                               desc="robustness report"):
+        scales.append(input_bounds(x))
+        dev.append(deviation(outs[0], outs[1]))
+        atol.append(rounding_allowance(outs[0], outs[1]))
+        ref_pred = outs[0].argmax(1) if outs[0].dim() >= 2 else None
+        labels = None
+        if y is not None and ref_pred is not None and not y.is_floating_point() and y.shape == ref_pred.shape:
+            labels = y.to(ref_pred.device)
+            ref_correct += int((ref_pred == labels).sum())
+            labelled += labels.numel()
+        w_stats.add(outs[1], ref_pred, labels)
+        if full is not None:
+            f_dev.append(deviation(outs[0], outs[2]))
+            f_stats.add(outs[2], ref_pred, labels)
 
-    scales, ref_correct, labelled = [], 0, 0
-    w_stats, f_stats = _Stats(), _Stats()
-    try:
-        with _evaluating(models, device):
-            for b, (x, y) in enumerate(stream):
-                if max_batches is not None and b >= max_batches:
-                    break
-                if tuple(x.shape[1:]) != input_shape:
-                    raise PathSaliencyError(f"batch {b} has samples of shape {tuple(x.shape[1:])}, the certificate "
-                                            f"is for {input_shape}")
-                x = x.to(device)
-                outs = []
-                for model in models:
-                    dt = _dtype_of(model)
-                    xm = x.to(dt) if dt is not None and x.is_floating_point() else x
-                    out = _select(model(xm), output)
-                    if outs and out.shape != outs[0].shape:
-                        raise PathSaliencyError(f"the compressed model's output has shape {tuple(out.shape)}, the "
-                                                f"reference's {tuple(outs[0].shape)}")
-                    outs.append(out)
-                scales.append(x.detach().double().reshape(x.shape[0], -1).abs().amax(1).clamp_min(1.0).cpu())
-                ref_pred = outs[0].argmax(1) if outs[0].dim() >= 2 else None
-                labels = None
-                if y is not None and ref_pred is not None and not y.is_floating_point() and y.shape == ref_pred.shape:
-                    labels = y.to(ref_pred.device)
-                    ref_correct += int((ref_pred == labels).sum())
-                    labelled += labels.numel()
-                w_stats.add(outs[0], outs[1], ref_pred, labels)
-                if full is not None:
-                    f_stats.add(outs[0], outs[2], ref_pred, labels)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    scale = torch.cat(scales)
-    dev = w_stats.deviations()
+    scale, dev = torch.cat(scales), torch.cat(dev)
     bound = scale * metric.value if metric.log2 != -math.inf else torch.zeros_like(scale)
-    _check(dev, bound, torch.cat(w_stats.atol), metric)
+    check_bound(dev, bound, torch.cat(atol), what="the weights-only model", detail=f"; D: {metric!r}")
 
     input_bound = float(scale.max())
     log10_bound = math.log10(input_bound) + metric.log10
     ratio = torch.where(dev > 0, dev / bound, torch.zeros_like(dev))  # bound > 0 wherever dev > 0 (checked)
-    layers, unchanged = (_per_layer(ref, weights_only, metric, input_shape, output) if per_layer else (None, []))
-    f_dev = f_stats.deviations() if full is not None else None
+    layers, unchanged = (_per_layer(reference, weights_only, theta, metric, input_shape, output) if per_layer
+                         else (None, []))
+    f_dev = torch.cat(f_dev) if full is not None else None
     return RobustnessReport(
         name=name, input_shape=list(input_shape), num_samples=int(scale.numel()),
         log10_path_norm=metric.norm.log10, path_norm=metric.norm.value,
@@ -581,30 +337,43 @@ def robustness_report(reference: nn.Module, compressed: Optional[nn.Module], dat
     )
 
 
-def _chain(first, rest):
-    yield first
-    yield from rest
+class _Agreement:
+    """Top-1 agreement with the reference and top-1 accuracy of one model."""
+
+    def __init__(self):
+        self.agree = self.correct = self.positions = self.labelled = 0
+
+    def add(self, out, ref_pred, labels):
+        if ref_pred is None:
+            return
+        pred = out.argmax(1)
+        self.agree += int((pred == ref_pred).sum())
+        self.positions += ref_pred.numel()
+        if labels is not None:
+            self.correct += int((pred == labels).sum())
+            self.labelled += labels.numel()
+
+    def agreement(self):
+        return 100.0 * self.agree / self.positions if self.positions else None
+
+    def accuracy(self):
+        return 100.0 * self.correct / self.labelled if self.labelled else None
 
 
-def _check(dev: torch.Tensor, bound: torch.Tensor, atol: torch.Tensor, metric) -> None:
-    """Observed <= certified for every sample, allowing float rounding only."""
-    allowed = bound * (1.0 + REL_TOL) + atol
-    bad = dev > allowed
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0])
-        raise CertificateViolation(
-            f"BUG: the observed deviation of the weights-only model exceeds its certified bound on "
-            f"{int(bad.sum())} of {dev.numel()} samples (first: sample {i}, observed {float(dev[i]):.9g} > "
-            f"max(1, ||x||_inf) * D = {float(bound[i]):.9g}; D: {metric!r}). MATH.md section 3 says this cannot "
-            "happen: the path-metric computation (or the effective weights given) is wrong. No report was "
-            "produced; please report this with the models.")
+def _same_architecture(a: nn.Module, b: nn.Module) -> bool:
+    """The same module tree (names and classes) and the same stored tensor names and shapes."""
+    if [(n, type(m)) for n, m in a.named_modules()] != [(n, type(m)) for n, m in b.named_modules()]:
+        return False
+    ta, tb = a.state_dict(), b.state_dict()
+    return ta.keys() == tb.keys() and all(tuple(ta[k].shape) == tuple(tb[k].shape) for k in ta)
 
-
-def _per_layer(ref: nn.Module, weights_only: nn.Module, metric, input_shape, output):
-    """Certified distance of each changed layer alone (the rest at the reference's values)."""
+def _per_layer(ref: nn.Module, weights_only: nn.Module, theta, metric, input_shape, output):
+    """Certified distance of each changed layer alone (the rest at the reference's values); a layer's
+    changed tensors are those of the weights-only model (a layer given folded: its conv/linear and
+    batch-norm tensors, see :meth:`Theta.to_module`)."""
     plan = lift(ref, output).plan
     ref_t, new_t = named_tensors(ref), named_tensors(weights_only)
-    distances = layer_distances(ref, weights_only, input_shape, output=output)
+    distances = layer_distances(ref, theta if theta is not None else weights_only, input_shape, output=output)
     layers, unchanged, seen = [], [], set()
     log10_norm = metric.norm.log10
     for step in plan.steps:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import ops, params
+from . import distributed, ops, params
 from .errors import PathSaliencyError
 from .lifting import compute_dtype, lift
 from .norm import PathValue
 from .passes import Scaled, Weights, norm_pass, removal_pass
+from .precision import ieee_float32
 from .profile import profile
 
 
@@ -84,6 +85,7 @@ def _reentrant_modules(lifted, model) -> list:
     return bad
 
 
+@ieee_float32()
 def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.float32) -> Scores:
     """Per-weight path-magnitude scores of every conv/linear weight, keyed by parameter name (a tensor
     shared by several modules once, under the name ``model.named_parameters()`` gives it).
@@ -143,8 +145,9 @@ class Removal:
     candidate: torch.Tensor
 
 
+@ieee_float32()
 def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: int, *, exact=True, output=None,
-                     dtype=torch.float32, memory_budget=None) -> torch.Tensor:
+                     dtype=torch.float32, memory_budget=None, shard=None) -> torch.Tensor:
     """Relative path-metric lost by each of ``num_candidates`` structured removals (float64, CPU).
 
     ``removals``: :class:`Removal` items; candidate ``j`` removes every listed channel whose
@@ -157,6 +160,9 @@ def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: in
     for every group of a model costs one forward and one backward plus the removal passes.
     ``memory_budget`` (bytes) sizes the batches of candidates of a removal pass: by default 64 MiB on a
     CPU (measured on ResNet-18/50 at 224: larger batches are slower there) and 2 GiB on a GPU.
+    ``shard="auto"`` (or a process group) splits the removal passes' candidates across the ranks of an
+    initialised ``torch.distributed`` group (a collective call; every rank returns the whole vector,
+    identical to one process: :mod:`pathsaliency.distributed`).
     """
     dtype = compute_dtype(dtype)
     lifted = lift(model, output)
@@ -185,18 +191,24 @@ def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: in
     dependents = _dependents(plan, prof, masks, in_masks)
     if dependents is not None:
         return _first_visit(prof, masks, dependents, num_candidates)
-    return _removal_scores(lifted, prof, shape, masks, in_masks, num_candidates, dtype, memory_budget)
+    return _removal_scores(lifted, prof, shape, masks, in_masks, num_candidates, dtype, memory_budget, shard)
 
 
 def _first_visit(prof, masks, dependents, num):
     """``sum over removed neurons v of fwd~(v) * bwd(v)``, by the first removed neuron a path visits:
     ``fwd~ = fwd`` for a neuron no other removed neuron reaches, ``fwd~ = |bias|`` for a standalone
     batch-norm neuron whose only input is a removed neuron (``dependents``)."""
-    scores = torch.zeros(num, dtype=torch.float64)
-    for node, m in masks.items():
+    if not masks:
+        return torch.zeros(num, dtype=torch.float64)
+    nodes = list(masks)
+    dev = prof.channel_loss[nodes[0]].device
+    moved = torch.cat([masks[n] for n in nodes], 1).to(dev, torch.float64)  # one copy to the device
+    scores = None
+    for node, m in zip(nodes, moved.split([masks[n].shape[1] for n in nodes], 1)):
         per_channel = prof.bias_loss[node] if node in dependents else prof.channel_loss[node]
-        scores += (m.to(torch.float64) * per_channel.cpu().view(1, -1)).sum(1)
-    return scores
+        s = (m * per_channel.view(1, -1)).sum(1)
+        scores = s if scores is None else scores + s
+    return scores.cpu()
 
 
 def _dependents(plan, prof, masks, in_masks):
@@ -285,9 +297,10 @@ def _step_of(lifted, module):
     return steps[0]
 
 
-def _removal_scores(lifted, prof, shape, masks, in_masks, num, dtype, budget):
+def _removal_scores(lifted, prof, shape, masks, in_masks, num, dtype, budget, shard):
     """Batched removal passes, in chunks of candidates whose recomputed activations fit ``budget`` bytes
-    (about 8 live tensors of the largest activation that a removed neuron reaches, per candidate)."""
+    (about 8 live tensors of the largest activation that a removed neuron reaches, per candidate); the
+    chunks are dealt to the ranks of ``shard``."""
     plan = lifted.plan
     if budget is None:
         budget = (2 * 2**30) if lifted.device.type == "cuda" else 256 * 2**20
@@ -295,15 +308,16 @@ def _removal_scores(lifted, prof, shape, masks, in_masks, num, dtype, budget):
     largest = max((v.t[:1].numel() for n, v in prof.cache.items() if n in reach and isinstance(v, Scaled)), default=1)
     per_sample = 8 * largest * torch.finfo(dtype).bits // 8
     chunk = max(1, int(budget // per_sample))
-    out = []
     dev = lifted.device
-    with torch.no_grad():
-        for start in range(0, num, chunk):
-            sl = slice(start, min(num, start + chunk))
-            k = sl.stop - sl.start
-            m = {n: v[sl].to(dev) for n, v in masks.items()}
-            im = {n: v[sl].to(dev) for n, v in in_masks.items()}
-            log2 = removal_pass(plan, prof.weights, prof.cache, m, im, k, shape, dtype=dtype, device=dev,
-                                grads=prof.grads)
-            out.append(torch.exp2(log2.cpu() - prof.log2_norm))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    masks = {n: v.to(dev) for n, v in masks.items()}
+    in_masks = {n: v.to(dev) for n, v in in_masks.items()}
+
+    def log2_lost(sl):
+        with torch.no_grad():
+            return removal_pass(plan, prof.weights, prof.cache, {n: v[sl] for n, v in masks.items()},
+                                {n: v[sl] for n, v in in_masks.items()}, sl.stop - sl.start, shape, dtype=dtype,
+                                device=dev, grads=prof.grads)
+
+    slices = [slice(start, min(num, start + chunk)) for start in range(0, num, chunk)]
+    log2 = distributed.map_chunks(log2_lost, slices, device=dev, shard=shard)
+    return torch.exp2(log2.cpu() - prof.log2_norm)

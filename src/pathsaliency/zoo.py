@@ -1,18 +1,26 @@
-"""Model specifications of the command line: ``torchvision:<name>``, ``cifar:<name>``, ``module:function``.
+"""Model specifications of the command line: ``torchvision:<name>``, ``cifar:<name>``, ``<module>:<function>``.
 
-Checkpoints load with ``torch.load(..., weights_only=True)``: no pickled code runs unless the caller
-passes ``trust_checkpoint=True`` (the command's ``--trust-checkpoint``).
+:func:`load_model` builds the model a specification names, in eval mode, with torch's random generator
+seeded by ``seed`` while it builds (so random weights are reproducible), then loads ``checkpoint`` with
+:func:`pathsaliency.checkpoint.load_checkpoint`: weights only, unless ``trust_checkpoint`` (then a whole
+pickled module replaces the built one). Every bad specification or checkpoint raises ``ValueError`` (or
+``FileNotFoundError``) with one line saying what is wrong. :func:`weights_source` says where the weights
+came from, and whether they may be random.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .models.cifar_resnet import _strip_state_dict, load_cifar_resnet
+from .checkpoint import load_checkpoint, load_state_dict, one_line
+from .models import cifar_resnet
+
+SPEC_HELP = "torchvision:<name>, cifar:resnet20|resnet32|resnet44|resnet56, or <module>:<function>"
 
 
 def default_input_shape(spec: str):
@@ -24,47 +32,68 @@ def default_input_shape(spec: str):
     return None
 
 
-def load_checkpoint(path, trust: bool = False):
-    """A state dict from ``path`` (bare, or under ``state_dict`` / ``model``; ``module.`` stripped), or
-    a whole pickled module when ``trust`` is True."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as exc:  # noqa: BLE001 - the unpickler raises many kinds
-        if not trust:
-            raise ValueError(f"{path}: could not be loaded with weights_only=True ({exc}). If it contains pickled "
-                             "code that you trust, pass --trust-checkpoint") from exc
-        raise
-    if isinstance(obj, nn.Module):
-        return obj
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    return _strip_state_dict(obj)
-
-
-def load_model(spec: str, checkpoint=None, trust_checkpoint=False, pretrained=False) -> nn.Module:
-    """Build the model a specification names (in eval mode)."""
-    kind, sep, name = spec.partition(":")
-    if not sep or not name:
-        raise ValueError(f"model '{spec}': expected torchvision:<name>, cifar:<name> or <module>:<function>")
+def _build(spec: str, kind: str, name: str, pretrained: bool, packaged: bool) -> nn.Module:
     if kind == "cifar":
-        model = load_cifar_resnet(name, checkpoint)
-        return model.eval()
+        if name not in cifar_resnet._DEPTHS:
+            raise ValueError(f"model '{spec}': unknown CIFAR ResNet {name!r}; choose from {sorted(cifar_resnet._DEPTHS)}")
+        return cifar_resnet.load_cifar_resnet(name) if packaged else getattr(cifar_resnet, name)()
     if kind == "torchvision":
         import torchvision
 
+        if name not in torchvision.models.list_models():
+            raise ValueError(f"model '{spec}': torchvision has no model {name!r} (see torchvision.models.list_models())")
         kw = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") and not pretrained else {}
-        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
-    else:
-        if str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
-        factory = getattr(importlib.import_module(kind), name)
+        try:
+            return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
+        except (OSError, RuntimeError) as exc:  # no network, a broken download
+            raise ValueError(f"model '{spec}': could not get the pretrained weights ({one_line(exc)})") from None
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(kind)
+    except Exception as exc:  # noqa: BLE001 - importing user code can raise anything
+        raise ValueError(f"model '{spec}': module {kind!r} does not import ({one_line(exc)}); run from the folder "
+                         f"that holds {kind.replace('.', '/')}.py or add that folder to PYTHONPATH") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"model '{spec}': module {kind!r} has no function {name!r}")
+    try:
         model = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory can raise anything
+        raise ValueError(f"model '{spec}': {kind}.{name}() raised {one_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model '{spec}': {kind}.{name}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_model(spec: str, checkpoint=None, trust_checkpoint: bool = False, pretrained: bool = False,
+               seed: int = 0) -> nn.Module:
+    """Build the model ``spec`` names (in eval mode); see the module docstring."""
+    kind, sep, name = spec.partition(":")
+    if not sep or not kind or not name:
+        raise ValueError(f"model '{spec}': expected {SPEC_HELP}")
+    if pretrained and kind != "torchvision":
+        raise ValueError(f"model '{spec}': --pretrained is for torchvision models (cifar: loads its pretrained "
+                         "weights by default; other models: pass --checkpoint)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _build(spec, kind, name, pretrained, packaged=checkpoint is None)
     if checkpoint is not None:
         obj = load_checkpoint(checkpoint, trust_checkpoint)
-        if isinstance(obj, nn.Module):
-            model = obj
-        else:
-            model.load_state_dict(obj)
+        model = obj if isinstance(obj, nn.Module) else load_state_dict(model, obj, checkpoint, spec)
     return model.eval()
+
+
+def weights_source(spec: str, checkpoint=None, pretrained: bool = False, seed: int = 0):
+    """``(where the weights of load_model(spec, checkpoint, pretrained=pretrained, seed=seed) come from,
+    whether they may be random)``."""
+    kind = spec.partition(":")[0]
+    if checkpoint is not None:
+        return f"checkpoint {checkpoint}", False
+    if kind == "cifar":
+        return "the pretrained CIFAR-10 weights of pathsaliency (packaged, or from $PATHSALIENCY_SHARED)", False
+    if kind == "torchvision":
+        if pretrained:
+            return "torchvision's default pretrained weights", False
+        return (f"RANDOM weights (torch seed {seed}): pass --checkpoint FILE or --pretrained for trained ones"), True
+    return f"the weights the factory builds, with no --checkpoint: random unless it loads some (torch seed {seed})", True

@@ -26,11 +26,13 @@ import copy
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..checkpoint import load_checkpoint, load_state_dict
 
 __all__ = [
     "CIFAR_MEAN",
@@ -195,14 +197,6 @@ def to_conv_shortcut(model: nn.Module) -> nn.Module:
     return model
 
 
-def _strip_state_dict(obj) -> Dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise TypeError(f"expected a state dict or a dict with 'state_dict', got {type(obj).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-
-
 def _find_checkpoint(name: str):
     """Path (or importlib.resources Traversable) of the default checkpoint for ``name``."""
     looked = []
@@ -229,8 +223,8 @@ def load_cifar_resnet(
 ) -> CifarResNet:
     """Build ``name`` (``"resnet20"`` ... ``"resnet56"``) and load pretrained CIFAR-10 weights (strict).
 
-    1. ``checkpoint`` given: load it (a bare state dict or a dict with ``state_dict``; a
-       ``module.`` prefix is stripped).
+    1. ``checkpoint`` given: load it with :func:`pathsaliency.checkpoint.load_checkpoint`, weights only
+       (a bare state dict or one under ``state_dict``; a ``module.`` prefix is stripped).
     2. Otherwise, for ResNet-20, the copy shipped in ``pathsaliency/assets``.
     3. Otherwise ``$PATHSALIENCY_SHARED/models/cifar10-<name>.th`` (default ``../shared``).
 
@@ -238,16 +232,10 @@ def load_cifar_resnet(
     """
     if name not in _DEPTHS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(_DEPTHS)}")
-    if checkpoint is None:
-        source = _find_checkpoint(name)
-        with source.open("rb") as f:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    else:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = _resnet(name)
-    model.load_state_dict(_strip_state_dict(obj), strict=True)
+    if shortcut not in ("A", "conv"):
+        raise ValueError(f"shortcut must be 'A' or 'conv', got {shortcut!r}")
+    source = _find_checkpoint(name) if checkpoint is None else checkpoint
+    model = load_state_dict(_resnet(name), load_checkpoint(source), source, f"CIFAR {name}")
     if shortcut == "conv":
         model = to_conv_shortcut(model)
-    elif shortcut != "A":
-        raise ValueError(f"shortcut must be 'A' or 'conv', got {shortcut!r}")
     return model.eval()

@@ -8,13 +8,21 @@ For each model, each pruning sparsity (0 = dense; otherwise one-shot global path
                       and activations;
 * ``inc-static-int8`` INC static W8A8 (PT2E flow, X86 quantizer): conv + linear weights (per channel)
                       and activations (per tensor);
-* ``inc-rtn-w8``      INC weight-only round-to-nearest, 8 bits: **nn.Linear layers only** (INC's RTN
-                      leaves convolutions in float), no activation quantization;
+* ``inc-static-int8-mixed`` the same with the certificate's float layers (``set_local`` fp32);
+* ``nncf-int8-mixed`` NNCF INT8 with the layers chosen by the certificate kept float (``--mixed-size``: the
+                      weights take at most that fraction of their float size; see
+                      ``integrations.nncf.quantize_mixed_int8``);
+* ``nncf-w8``         NNCF ``compress_weights`` INT8_ASYM: conv + linear weights (per channel), weights only;
+* ``nncf-w4``         NNCF ``compress_weights`` INT4_SYM (groups of 16) on the linear layer, the convolutions
+                      on the INT8_ASYM backup, weights only;
+* ``inc-rtn-w8``      INC weight-only round-to-nearest, 8 bits: **nn.Linear layers only** (INC 3.10's RTN
+                      leaves every convolution float: on ResNet-20 it quantizes 640 of 268,336 weights),
+                      no activation quantization;
 * ``inc-rtn-w4``      the same with 4 bits.
 
 The float network that is quantized (the pruned one, for a pruned row) is the reference ``theta``. The
 certificate is about the *weights-only model*: the reference architecture holding the weights the
-quantized model really computes with (``effective_weights`` of the integration). Each row gives top-1 of
+quantized model really computes with (``effective_theta`` of the integration). Each row gives top-1 of
 the reference, of the quantized model as produced (the *full* model, activations quantized where the
 method does), and of the weights-only model; the certified distance ``D`` (log10, exact flag,
 ``D / ||Phi(theta)||_1``), the certified bound ``max(1, ||x||_inf) * D`` on ``||R_theta(x) - R_theta'(x)||_1``
@@ -51,15 +59,22 @@ from .unstructured import INPUT_SHAPE, load_data
 
 METHODS = {  # name -> what is quantized (the table's "quantized" column)
     "nncf-int8": "conv+linear weights INT8 (per channel) and activations INT8",
+    "nncf-int8-mixed": "as nncf-int8, the layers chosen by the certificate kept float",
+    "nncf-w8": "conv+linear weights INT8 (per channel, compress_weights); activations float",
+    "nncf-w4": "linear weights INT4 (groups of 16), convs INT8 backup (compress_weights); activations float",
     "inc-static-int8": "conv+linear weights INT8 (per channel) and activations INT8 (per tensor)",
-    "inc-rtn-w8": "Linear layers only (RTN leaves convs float), weights 8 bit; activations float",
-    "inc-rtn-w4": "Linear layers only (RTN leaves convs float), weights 4 bit; activations float",
+    "inc-static-int8-mixed": "as inc-static-int8, the layers chosen by the certificate kept float",
+    "inc-rtn-w8": "Linear layers only (INC 3.10 RTN leaves every conv float), weights 8 bit; activations float",
+    "inc-rtn-w4": "Linear layers only (INC 3.10 RTN leaves every conv float), weights 4 bit; activations float",
 }
-COLUMNS = ["model", "sparsity", "method", "quantized", "activations_quantized", "top1_reference", "top1_full",
+CALIBRATED = ("nncf-int8", "nncf-int8-mixed", "inc-static-int8", "inc-static-int8-mixed")
+ACTIVATIONS_QUANTIZED = CALIBRATED
+COLUMNS = ["model", "sparsity", "method", "quantized", "quantized_weights", "float_layers", "activations_quantized",
+           "top1_reference", "top1_full",
            "top1_weights_only", "log10_path_norm", "log10_D", "exact", "D_relative", "log10_certified_bound",
            "observed_max", "observed_mean", "observed_to_certified", "full_observed_max", "full_observed_mean",
            "calibration"]
-FORMATS = {"sparsity": ".2f", "top1_reference": ".2f", "top1_full": ".2f", "top1_weights_only": ".2f",
+FORMATS = {"sparsity": ".2f", "quantized_weights": ".3g", "top1_reference": ".2f", "top1_full": ".2f", "top1_weights_only": ".2f",
            "log10_path_norm": ".3f", "log10_D": ".3f", "D_relative": ".3g", "log10_certified_bound": ".3f",
            "observed_max": ".3g", "observed_mean": ".3g", "observed_to_certified": ".3g",
            "full_observed_max": ".3g", "full_observed_mean": ".3g"}
@@ -97,34 +112,69 @@ def calibration_images(size: int, data: str = "train", avoid: int = 0, progress=
     return X, f"STAND-IN: packaged sample, {size} test images{overlap}"
 
 
-def quantize(method: str, model, X_cal, rtn_group_size: int = 32):
-    """``(quantized model, effective weights, activations quantized)`` for ``method`` on a copy of ``model``."""
-    if method == "nncf-int8":
+def quantize(method: str, model, X_cal, rtn_group_size: int = 32, mixed_size: float = 0.4):
+    """``(quantized model, its effective theta, float layers)`` for ``method`` on a copy of ``model``.
+
+    The theta is the integration's ``effective_theta``; ``float layers`` are the layers a mixed method kept
+    float (``[]`` otherwise)."""
+    if method.startswith("nncf-"):
+        import nncf
+
         from pathsaliency.integrations import nncf as pnncf
 
-        batches = [X_cal[i:i + 1] for i in range(len(X_cal))]  # NNCF's advice: calibration batches of one
-        q = pnncf.quantize_int8(model, batches, subset_size=len(batches))
-        return q, pnncf.effective_weights(q, model), True
+        batches = [X_cal[i:i + 1] for i in range(len(X_cal))] if X_cal is not None else None
+        kept = []
+        if method == "nncf-int8":  # NNCF's advice: calibration batches of one
+            q = pnncf.quantize_int8(model, batches, subset_size=len(batches))
+        elif method == "nncf-int8-mixed":
+            q, kept = pnncf.quantize_mixed_int8(model, batches, INPUT_SHAPE, mixed_size)
+        elif method == "nncf-w8":
+            q = pnncf.compress_weights(model, [torch.zeros(1, *INPUT_SHAPE)], nncf.CompressWeightsMode.INT8_ASYM)
+        elif method == "nncf-w4":
+            q = pnncf.compress_weights(model, [torch.zeros(1, *INPUT_SHAPE)], nncf.CompressWeightsMode.INT4_SYM,
+                                       group_size=16, all_layers=True, backup_mode=nncf.BackupMode.INT8_ASYM)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+        return q, pnncf.effective_theta(q, model), kept
     from pathsaliency.integrations import neural_compressor as pinc
 
-    if method == "inc-static-int8":
+    if method in ("inc-static-int8", "inc-static-int8-mixed"):
         from torchao.quantization.pt2e import allow_exported_model_train_eval
 
         example = X_cal[:max(2, min(CALIBRATION_BATCH, len(X_cal)))]
         if len(example) < 2:
             example = example.expand(2, *example.shape[1:]).clone()
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        q = pinc.quantize_static_int8(model, example, [X_cal[i:i + CALIBRATION_BATCH]
-                                                       for i in range(0, len(X_cal), CALIBRATION_BATCH)],
-                                      dynamic_shapes=({0: batch},))
-        weights = pinc.effective_weights(q, model)
+        calibration = [X_cal[i:i + CALIBRATION_BATCH] for i in range(0, len(X_cal), CALIBRATION_BATCH)]
+        q = pinc.quantize_static_int8(model, example, calibration, dynamic_shapes=({0: batch},))
+        kept = []
+        if method == "inc-static-int8-mixed":
+            kept = pinc.keep_float_by_certificate(model, q, INPUT_SHAPE, mixed_size)
+            q = pinc.quantize_static_int8(model, example, calibration, dynamic_shapes=({0: batch},),
+                                          config=pinc.float_layers_config(kept))
+        theta = pinc.effective_theta(q, model)
         # robustness_report (like any evaluation loop) calls .eval(), which a PT2E graph refuses otherwise
         allow_exported_model_train_eval(q)
-        return q, weights, True
+        return q, theta, kept
     if method in ("inc-rtn-w8", "inc-rtn-w4"):
         q = pinc.quantize_weight_only(model, bits=int(method[-1]), group_size=rtn_group_size)
-        return q, pinc.effective_weights(q, model), False
+        return q, pinc.effective_theta(q, model), []
     raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+
+
+def quantized_weight_fraction(reference, theta) -> float:
+    """Fraction of the conv/linear weights of ``reference`` in the layers whose ``theta`` values changed by
+    more than float32 rounding (a float layer PT2E folded its batch norm into differs by that much)."""
+    from pathsaliency import Theta
+
+    mine, theirs = Theta.from_module(reference).layers, theta.layers
+    changed = total = 0
+    for name, module in reference.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            total += module.weight.numel()
+            moved = not torch.allclose(mine[name][0], theirs[name][0], rtol=1e-5, atol=0)
+            changed += module.weight.numel() if moved else 0
+    return changed / total
 
 
 def _tag(name: str, sparsity: float) -> str:
@@ -133,7 +183,7 @@ def _tag(name: str, sparsity: float) -> str:
 
 def run(models=("resnet20",), data="sample", methods=tuple(METHODS), prune_sparsities=(0.0,), calibration_size=300,
         calibration_data="train", limit=None, rtn_group_size=32, per_layer=True, seed=0, out="out/quantization",
-        progress=True, log=print):
+        progress=True, log=print, mixed_size=0.4):
     """Run every (model, sparsity, method); returns the rows (also written to ``out``, see the module doc)."""
     from pathsaliency import prune_unstructured, robustness_report
 
@@ -148,8 +198,8 @@ def run(models=("resnet20",), data="sample", methods=tuple(METHODS), prune_spars
     out = Path(out)
     X, Y = load_data(data, limit, progress)
     X_cal, cal_note = (calibration_images(calibration_size, calibration_data, avoid=len(X), progress=progress, log=log)
-                       if any(m in ("nncf-int8", "inc-static-int8") for m in methods) else (None, ""))
-    log(f"evaluating on {len(X)} CIFAR-10 {data} images; calibration: {cal_note or 'none (RTN only)'}")
+                       if any(m in CALIBRATED for m in methods) else (None, ""))
+    log(f"evaluating on {len(X)} CIFAR-10 {data} images; calibration: {cal_note or 'none (weight-only methods)'}")
     jobs = [(name, sp, m) for name in models for sp in prune_sparsities for m in methods]
     bar = None
     if progress:
@@ -169,17 +219,17 @@ def run(models=("resnet20",), data="sample", methods=tuple(METHODS), prune_spars
                     if bar is not None:
                         bar.set_postfix_str(f"{tag} {method}")
                     seed_everything(seed)
-                    full, weights, act = quantize(method, ref, X_cal, rtn_group_size)
-                    report = robustness_report(ref, full, (X, Y), effective_weights=weights, input_shape=INPUT_SHAPE,
-                                               per_layer=per_layer, activations_quantized=act,
+                    full, theta, kept = quantize(method, ref, X_cal, rtn_group_size, mixed_size)
+                    report = robustness_report(ref, full, (X, Y), theta=theta, input_shape=INPUT_SHAPE,
+                                               per_layer=per_layer, activations_quantized=method in ACTIVATIONS_QUANTIZED,
                                                name=f"{tag}, {method}")
                     rdir = out / f"{tag}-{method}"
                     rdir.mkdir(parents=True, exist_ok=True)
                     (rdir / "report.json").write_text(report.to_json())
                     (rdir / "report.md").write_text(report.to_markdown(), encoding="utf-8")
                     report.plot(rdir / "report.png")
-                    row = _row(name, sp, method, report, cal_note if method in ("nncf-int8", "inc-static-int8")
-                               else "none (RTN needs no data)")
+                    row = _row(name, sp, method, report, cal_note if method in CALIBRATED
+                               else "none (weight-only: no data)", quantized_weight_fraction(ref, theta), kept)
                     rows.append(row)
                     _write(rows, out, data, len(X))  # after every row: an interrupted run keeps what it did
                     log(f"{tag:18s} {method:16s} top-1 ref {row['top1_reference']:.2f}%  full {row['top1_full']:.2f}%"
@@ -211,13 +261,18 @@ method does: **measured on this data, NOT certified**. *top1_weights_only*, *obs
 reference architecture holding the effective (dequantized) weights; each image's deviation was checked
 against its certified bound max(1, ||x||_inf) * D (*observed_to_certified* is the largest ratio).
 *log10_certified_bound* is log10 of max over the images of that bound. RTN (INC weight-only) quantizes
-nn.Linear layers only: the convolutions stay float, and there is no activation quantization, so there the
-full model is the weights-only model. For pruned rows the reference is the pruned float network.
+nn.Linear layers only (INC 3.10: on ResNet-20 640 of 268,336 weights; *quantized_weights* is the fraction of
+conv/linear weights changed): the convolutions stay float, and there is no activation quantization, so there
+the full model is the weights-only model; the same holds for NNCF compress_weights (nncf-w8, nncf-w4). The
+mixed methods keep *float_layers* float, chosen by the certificate (largest single-layer certified distance
+per weight, pathsaliency.layer_distances) so that the weights take at most --mixed-size of their float size.
+For pruned rows the reference is the pruned float network.
 """
 
 
-def _row(name, sparsity, method, r, calibration):
+def _row(name, sparsity, method, r, calibration, quantized_weights, float_layers):
     return {"model": name, "sparsity": float(sparsity), "method": method, "quantized": METHODS[method],
+            "quantized_weights": quantized_weights, "float_layers": " ".join(float_layers),
             "activations_quantized": r.activations_quantized, "top1_reference": r.accuracy_reference,
             "top1_full": r.full_accuracy, "top1_weights_only": r.accuracy_compressed,
             "log10_path_norm": r.log10_path_norm, "log10_D": r.log10_distance, "exact": r.exact,
@@ -230,7 +285,7 @@ def _row(name, sparsity, method, r, calibration):
 def _quiet_frameworks(methods):
     """Import the integrations ``methods`` need (an ImportError names the missing extra before any work) and
     keep their frameworks' logging to warnings (INC logs every step at INFO level)."""
-    if "nncf-int8" in methods:
+    if any(m.startswith("nncf-") for m in methods):
         from pathsaliency.integrations import nncf  # noqa: F401
     if any(m.startswith("inc-") for m in methods):
         from pathsaliency.integrations import neural_compressor  # noqa: F401
@@ -291,6 +346,8 @@ def build_parser():
     p.add_argument("--calibration-data", default="train", choices=["train", "sample"],
                    help="train: CIFAR-10 train split; sample: the packaged test sample as a stand-in")
     p.add_argument("--rtn-group-size", type=int, default=32, help="RTN group size (-1: one group per channel)")
+    p.add_argument("--mixed-size", type=float, default=0.4,
+                   help="mixed methods: the weights' size as a fraction of float, in [0.25, 1] (default 0.4)")
     p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer breakdown of the reports")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/quantization")
@@ -301,7 +358,7 @@ def build_parser():
 def main(argv=None):
     a = build_parser().parse_args(argv)
     run(a.models, a.data, a.methods, a.prune_sparsity, a.calibration_size, a.calibration_data, a.limit,
-        a.rtn_group_size, not a.no_per_layer, a.seed, a.out, progress=not a.no_progress)
+        a.rtn_group_size, not a.no_per_layer, a.seed, a.out, progress=not a.no_progress, mixed_size=a.mixed_size)
 
 
 if __name__ == "__main__":

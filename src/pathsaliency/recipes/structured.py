@@ -61,7 +61,7 @@ from pathsaliency.models.cifar_resnet import ShortcutConv, load_cifar_resnet, to
 from .cifar10 import cifar10
 from .common import deviation, markdown_table, predict, seed_everything, top1, write_table
 from .imagenet import image_folder
-from .training import finetune
+from .training import finetune, init_distributed
 from .unstructured import CertificateViolation, check_bound, load_data  # noqa: F401 (CertificateViolation: raised)
 
 try:
@@ -70,7 +70,7 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("pathsaliency.recipes.structured needs torch-pruning: "
                       "pip install 'pathsaliency[torch-pruning]'") from e
 
-from pathsaliency.integrations.torch_pruning import PathMetricImportance
+from pathsaliency.integrations.torch_pruning import ChannelTracker, FrozenFollowingPruner, PathMetricImportance
 
 IMPORTANCES = ("path-metric", "path-metric-first-order", "l1", "l2", "lamp", "bn-scale", "taylor", "random")
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56")
@@ -104,90 +104,6 @@ def frozen_shortcut_convs(model: nn.Module) -> list:
     return [m.conv for m in model.modules() if isinstance(m, ShortcutConv)]
 
 
-def _without(group, modules):
-    """A copy of a torch-pruning group without the items acting on ``modules`` (root kept)."""
-    g = tp.dependency.Group()
-    g._group = [it for it in group._group if it.dep.target.module not in modules]
-    g._DG = group._DG
-    return g
-
-
-def _members(group):
-    """What a group cuts: (layer, handler, number of indices) of each item."""
-    return sorted((id(d.target.module), getattr(d.handler, "__name__", str(d.handler)), len(i)) for d, i in group)
-
-
-class FrozenFollowingPruner(tp.pruner.MetaPruner):
-    """``MetaPruner`` with ``frozen_layers``: layers that are ignored (never a group's root, never scored
-    by the importance, weights not trainable) whose channels nevertheless follow the groups they belong to.
-
-    ``MetaPruner`` drops every group in which an ignored layer loses output channels; for the frozen 0/1
-    shortcut convolution of a CIFAR ResNet that is the whole residual stream after it. Here the groups
-    are built with the frozen layers counted as ordinary members, a group that a frozen layer would root
-    is re-rooted at another of its layers (same channels, same items), the frozen layers are in
-    ``ignored_layers`` and the importance (``scoring_frozen=False``) sees the group without them.
-    ``scoring_frozen=True`` passes the whole group (the path-metric: the frozen weights are part of the
-    function, and of what removing a channel costs).
-    """
-
-    def __init__(self, model, example_inputs, importance, *, frozen_layers=(), ignored_layers=None,
-                 scoring_frozen=False, **kw):
-        self._frozen = list(frozen_layers)
-        self._frozen_set = set(self._frozen)
-        self._scoring_frozen = scoring_frozen
-        super().__init__(model, example_inputs, importance, ignored_layers=list(ignored_layers or []) + self._frozen,
-                         **kw)
-        self.freeze()
-
-    # MetaPruner builds self.DG in __init__ and asks it for groups at once: wrap it as it is set.
-    @property
-    def DG(self):
-        return self._dg
-
-    @DG.setter
-    def DG(self, graph):
-        self._dg = graph
-        original = graph.get_all_groups
-        frozen = self._frozen_set
-
-        def get_all_groups(ignored_layers=(), root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
-            blocking = [m for m in ignored_layers if m not in frozen]
-            for group in original(ignored_layers=blocking, root_module_types=root_module_types):
-                if group[0].dep.target.module in frozen:
-                    group = self._reroot(group, blocking, root_module_types)
-                    if group is None:
-                        continue
-                yield group
-
-        graph.get_all_groups = get_all_groups
-
-    def _reroot(self, group, ignored, root_module_types):
-        DG = self._dg
-        for dep, _ in group:
-            m = dep.target.module
-            if (m in self._frozen_set or m in ignored or not isinstance(m, tuple(root_module_types))
-                    or not DG.is_out_channel_pruning_fn(dep.handler)):
-                continue
-            pruner = DG.get_pruner_of_module(m)
-            new = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-            if _members(new) != _members(group):
-                raise RuntimeError(f"re-rooting a group at {DG._module2name[m]} changed its members")
-            return new
-        return None  # only frozen layers produce these channels: leave them alone
-
-    def estimate_importance(self, group):
-        if not self._scoring_frozen:
-            group = _without(group, self._frozen_set)
-        return self.importance(group)
-
-    def freeze(self):
-        """Keep the frozen layers' parameters out of training (torch-pruning re-creates pruned ones)."""
-        for m in self._frozen:
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(False)
-                p.grad = None
-
-
 def make_importance(name: str, input_shape):
     if name == "path-metric":
         return PathMetricImportance(input_shape, exact=True)
@@ -206,105 +122,6 @@ def make_importance(name: str, input_shape):
     if name == "random":
         return tp.importance.RandomImportance()
     raise ValueError(f"unknown importance {name!r}; choose from {IMPORTANCES}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Which original channels survive: the link between the pruned model and the zeroed copy
-
-_TRACKED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
-
-
-class ChannelTracker:
-    """For every conv / linear / batch-norm of the original model, the original indices of the output
-    (and input) channels that are still there, updated from each pruning group before it is applied."""
-
-    def __init__(self, model: nn.Module):
-        self.out, self.inp = {}, {}
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                if m.groups != 1:
-                    raise NotImplementedError(f"{name}: grouped convolutions are not tracked")
-                self.out[name], self.inp[name] = torch.arange(m.out_channels), torch.arange(m.in_channels)
-            elif isinstance(m, nn.Linear):
-                self.out[name], self.inp[name] = torch.arange(m.out_features), torch.arange(m.in_features)
-            elif isinstance(m, nn.BatchNorm2d):
-                self.out[name] = torch.arange(m.num_features)
-
-    def record(self, group, names: dict):
-        """Apply ``group`` (about to be pruned: indices relative to the current shapes) to the record."""
-        DG = group._DG
-        for dep, idxs in group:
-            m = dep.target.module
-            if not isinstance(m, _TRACKED) or len(idxs) == 0:
-                continue
-            name = names[m]
-            out = isinstance(m, nn.BatchNorm2d) or DG.is_out_channel_pruning_fn(dep.handler)
-            table = self.out if out else self.inp
-            keep = torch.ones(len(table[name]), dtype=torch.bool)
-            keep[torch.tensor([int(i) for i in idxs], dtype=torch.long)] = False
-            table[name] = table[name][keep]
-
-    def check(self, pruned: nn.Module):
-        for name, m in pruned.named_modules():
-            if isinstance(m, nn.Conv2d):
-                shape = (m.out_channels, m.in_channels, m.weight.shape[0], m.weight.shape[1])
-                want = (len(self.out[name]), len(self.inp[name])) * 2
-            elif isinstance(m, nn.Linear):
-                shape = (m.out_features, m.in_features, *m.weight.shape)
-                want = (len(self.out[name]), len(self.inp[name])) * 2
-            elif isinstance(m, nn.BatchNorm2d):
-                shape, want = (m.num_features, len(m.weight)), (len(self.out[name]),) * 2
-            else:
-                continue
-            if tuple(shape) != tuple(want):
-                raise RuntimeError(f"{name}: pruned shape {shape} does not match the recorded channels {want}")
-
-    def zeroed(self, original: nn.Module) -> nn.Module:
-        """A copy of ``original`` with every pruned channel zeroed (output channels: weights, bias and
-        batch-norm weight/bias; input channels: the weights that read them)."""
-        z = copy.deepcopy(original)
-        with torch.no_grad():
-            for name, m in z.named_modules():
-                if name not in self.out:
-                    continue
-                keep = torch.zeros(m.weight.shape[0], dtype=torch.bool)
-                keep[self.out[name]] = True
-                m.weight[~keep] = 0
-                if m.bias is not None:
-                    m.bias[~keep] = 0
-                if name in self.inp:
-                    keep = torch.zeros(m.weight.shape[1], dtype=torch.bool)
-                    keep[self.inp[name]] = True
-                    m.weight[:, ~keep] = 0
-        return z
-
-    def embedded(self, original: nn.Module, pruned: nn.Module) -> nn.Module:
-        """``pruned``'s parameters and buffers written back into a copy of ``original`` at the surviving
-        channels, zeros (running statistics: the original's) elsewhere: the same function as ``pruned``
-        in the original architecture."""
-        e = copy.deepcopy(original)
-        src = dict(pruned.named_modules())
-        with torch.no_grad():
-            for name, m in e.named_modules():
-                if name not in self.out:
-                    continue
-                p = src[name]
-                o = self.out[name].to(m.weight.device)
-                if name in self.inp:
-                    i = self.inp[name].to(m.weight.device)
-                    w = torch.zeros_like(m.weight)
-                    w[o.view(-1, 1), i.view(1, -1)] = p.weight.to(w)
-                    m.weight.copy_(w)
-                else:
-                    m.weight.zero_()
-                    m.weight[o] = p.weight.to(m.weight)
-                if m.bias is not None:
-                    m.bias.zero_()
-                    m.bias[o] = p.bias.to(m.bias)
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean[o] = p.running_mean.to(m.running_mean)
-                    m.running_var[o] = p.running_var.to(m.running_var)
-        return e
 
 
 def check_frozen_selection(model: nn.Module, names: dict):
@@ -524,6 +341,7 @@ def run(models=("resnet20",), data="sample", importances=("path-metric", "l1", "
         image_size=224, pretrained=False, device="cpu", workers=2, progress=True, log=print):
     """Run the comparison; returns the rows (also written to ``out`` as CSV, Markdown, JSON and PNG)."""
     seed_everything(seed)
+    init_distributed(device)  # under torchrun every rank prunes: the exact importance shards its removal passes
     out = Path(out)
     scopes = ("local", "global") if scope == "both" else (scope,)
     for imp in importances:

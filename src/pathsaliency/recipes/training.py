@@ -17,7 +17,8 @@ def distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _init(device):
+def init_distributed(device):
+    """Initialise the process group under ``torchrun`` (NCCL for a CUDA device, else Gloo); no-op alone."""
     if distributed() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
 
@@ -28,7 +29,7 @@ def finetune(model: nn.Module, dataset, epochs: int, *, lr=0.01, batch_size=128,
     place, left in eval mode). ``masks``: ``{weight name: keep mask}`` enforced after every step."""
     if epochs <= 0:
         return model.eval()
-    _init(device)
+    init_distributed(device)
     model.to(device).train()
     net = nn.parallel.DistributedDataParallel(model) if distributed() else model
     sampler = torch.utils.data.DistributedSampler(dataset, seed=seed) if distributed() else None

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import pathsaliency as ps
+from pathsaliency.bound import CertificateViolation
 from pathsaliency.models.cifar_resnet import load_cifar_resnet
 from pathsaliency.pruning import apply_masks, masks_from_scores, unstructured_scores
 
@@ -43,10 +44,6 @@ COLUMNS = ["model", "criterion", "sparsity", "top1", "log10_D", "D_relative", "c
            "observed_mean", "exact", "same_masks_as_unrescaled", "finetuned"]
 FORMATS = {"top1": ".2f", "log10_D": ".3f", "D_relative": ".3g", "certified_bound": ".3g", "observed_max": ".3g",
            "observed_mean": ".3g"}
-
-
-class CertificateViolation(AssertionError):
-    """An observed deviation exceeded its certified bound: a bug, never a result."""
 
 
 def load_data(data: str, limit=None, progress=False):

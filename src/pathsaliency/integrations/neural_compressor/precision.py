@@ -1,0 +1,78 @@
+"""Mixed-precision INC static INT8 chosen by the certificate: the layers to keep float under a size budget.
+
+``keep_float_by_certificate`` reads the all-quantized graph back (``effective_theta``), takes every
+single-layer certified distance from ``pathsaliency.layer_distances`` and chooses the float layers with
+``integrations._precision.choose_float_layers``; ``float_layers_config`` writes the choice as INC's
+``set_local`` overrides, for ``quantize_static_int8(..., config=...)``; ``float_layer_configs`` gives one
+such config per size budget, the candidates of ``autotune_certified`` from the most to the least aggressive.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+from neural_compressor.torch.quantization import StaticQuantConfig
+from torch import nn
+
+import pathsaliency
+
+from .._precision import choose_float_layers
+from .readback import effective_theta
+
+__all__ = ["keep_float_by_certificate", "float_layers_config", "float_layer_configs"]
+
+
+def float_layers_config(float_layers: Sequence[str], **config_kwargs: Any) -> StaticQuantConfig:
+    """``StaticQuantConfig(**config_kwargs)`` with ``set_local(name, fp32 weights and activations)`` for
+    each of ``float_layers`` (module names, e.g. ``layer3.0.conv1``)."""
+    config = StaticQuantConfig(**config_kwargs)
+    for name in float_layers:
+        config.set_local(name, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
+    return config
+
+
+def _distances(reference, compressed, input_shape, example_inputs, output) -> dict:
+    """Single-layer certified distances of the conv/linear layers ``compressed`` changed."""
+    theta = effective_theta(compressed, reference, example_inputs=example_inputs)
+    distances = pathsaliency.layer_distances(reference, theta, input_shape, output=output)
+    return {n: d for n, d in distances.items() if d.log2 > float("-inf")
+            and isinstance(getattr(reference.get_submodule(n), "weight", None), nn.Parameter)}
+
+
+def keep_float_by_certificate(
+    reference: nn.Module,
+    compressed: nn.Module,
+    input_shape: Any,
+    max_size: float,
+    *,
+    bits: int = 8,
+    example_inputs: Any = None,
+    output: Any = None,
+) -> List[str]:
+    """The layers of ``reference`` to keep float so that the weight size is at most ``max_size`` times the
+    float size and the summed single-layer certified distance of the quantized rest is smallest.
+
+    ``compressed``: ``reference`` with every layer quantized by INC (e.g. ``quantize_static_int8``); its
+    single-layer distances ``D_l`` (``layer_distances(reference, effective_theta(compressed, reference))``)
+    rank the layers, see ``choose_float_layers``.
+    """
+    distances = _distances(reference, compressed, input_shape, example_inputs, output)
+    return choose_float_layers(reference, distances, max_size, bits=bits)
+
+
+def float_layer_configs(
+    reference: nn.Module,
+    compressed: nn.Module,
+    input_shape: Any,
+    sizes: Sequence[float],
+    *,
+    bits: int = 8,
+    example_inputs: Any = None,
+    output: Any = None,
+    **config_kwargs: Any,
+) -> List[StaticQuantConfig]:
+    """``[float_layers_config(keep_float_by_certificate(..., size)) for size in sorted(sizes)]`` from one
+    ``layer_distances`` pass: candidates for ``autotune_certified(reference, configs, ...)``, smallest
+    size (most aggressive) first, so autotune stops at the smallest model within its certified tolerance."""
+    distances = _distances(reference, compressed, input_shape, example_inputs, output)
+    return [float_layers_config(choose_float_layers(reference, distances, size, bits=bits), **config_kwargs)
+            for size in sorted(sizes)]

@@ -1,0 +1,46 @@
+"""Every access to torch-pruning internals (tested with torch-pruning 1.6), gathered in one place.
+
+torch-pruning's public contract is ``Importance.__call__(group)``, ``DependencyGraph.get_pruning_group`` /
+``get_all_groups`` and ``Group.prune``; what the adapter needs beyond it (the graph that made a group,
+the graph's module names, the tensors autograd saved while tracing, building a group from items) is read
+here, so that a torch-pruning release that renames one of them breaks one file.
+"""
+from __future__ import annotations
+
+import torch_pruning as tp
+
+__all__ = ["graph_of", "module_names", "saved_input", "group_with_items"]
+
+
+def graph_of(group):
+    """The ``tp.DependencyGraph`` that built ``group`` (``group._DG``), or None."""
+    return getattr(group, "_DG", None)
+
+
+def module_names(DG) -> dict:
+    """``{module: qualified name}`` of the graph's model: the graph's own map (``DG._module2name``:
+    torch-pruning prunes modules in place, so it stays valid between steps), else ``named_modules``."""
+    names = getattr(DG, "_module2name", None)
+    return names if names else {m: n for n, m in DG.model.named_modules()}
+
+
+def saved_input(grad_fn):
+    """The input tensor that the autograd node of a conv / linear / batch-norm saved while the graph was
+    traced (``_saved_input``, ``_saved_mat1`` or ``_saved_self``), or None (freed, or none saved)."""
+    for attr in ("_saved_input", "_saved_mat1", "_saved_self"):
+        try:
+            t = getattr(grad_fn, attr, None)
+        except RuntimeError:  # saved tensor already freed
+            t = None
+        if t is not None and hasattr(t, "shape"):
+            return t
+    return None
+
+
+def group_with_items(group, keep):
+    """A new group of the same graph holding the items of ``group`` for which ``keep(item)`` is true
+    (``Group._group`` and ``Group._DG`` are set directly: torch-pruning has no public constructor)."""
+    g = tp.dependency.Group()
+    g._group = [it for it in group._group if keep(it)]
+    g._DG = group._DG
+    return g
