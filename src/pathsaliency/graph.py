@@ -36,13 +36,30 @@ class _Tracer(fx.Tracer):
     """``torch.fx`` tracing that treats torchvision's frozen batch-norm as a leaf and calls the
     ``forward`` of the other modules directly, so that no user hook (per-module or global) ever runs."""
 
+    root_leaf = None  # a model that is itself a leaf module (a bare nn.Linear): its calls are named ''
+
     def call_module(self, m, forward, args, kwargs):
         return super().call_module(m, m.forward, args, kwargs)
+
+    def path_of_module(self, mod):
+        return "" if mod is self.root_leaf else super().path_of_module(mod)
 
     def is_leaf_module(self, m, qualname):
         if steps.FrozenBatchNorm2d is not None and isinstance(m, steps.FrozenBatchNorm2d):
             return True
         return super().is_leaf_module(m, qualname)
+
+
+class _LeafRoot(nn.Module):
+    """Calls a model that is itself a leaf module, so that the trace records one call of it (named '',
+    its parameters keep their names: ``weight``, ``bias``) instead of tracing into its functional body."""
+
+    def __init__(self, leaf):
+        super().__init__()
+        self.leaf = leaf
+
+    def forward(self, x):
+        return self.leaf(x)
 
 
 def eval_view(module: nn.Module) -> nn.Module:
@@ -135,8 +152,13 @@ def capture(model: nn.Module, output=None) -> Plan:
     """Trace ``model`` and classify its graph (see the module docstring). Raises
     :class:`UnsupportedModelError` for a model that is not a ReLU-DAG."""
     view = eval_view(model)
+    tracer = _Tracer()
     try:
-        graph = _Tracer().trace(view)
+        if tracer.is_leaf_module(view, ""):
+            tracer.root_leaf = view
+            graph = tracer.trace(_LeafRoot(view))
+        else:
+            graph = tracer.trace(view)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         raise UnsupportedModelError(
             [("<trace>", type(model).__name__, f"torch.fx could not trace the model ({type(exc).__name__}: {exc})")],
@@ -199,7 +221,7 @@ def capture(model: nn.Module, output=None) -> Plan:
     producers = {}
     for step in affine.values():
         for name in (step.module, step.bn):
-            if name:
+            if name is not None:
                 producers.setdefault(name, []).append(step)
     shared = {k: c for k, c in calls.items() if c > 1 and isinstance(view.get_submodule(k), steps.AFFINE_MODULES)}
     nodes = [n for n in nodes if n not in absorbed]

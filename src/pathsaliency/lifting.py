@@ -1,13 +1,21 @@
 """A model captured once and its parameters read per call: the object every public function uses.
 
-``lift(model, input_shape)`` returns a :class:`Lifted` from a per-model cache. The cache key is the
-model's *structure* (module objects, conv hyper-parameters, tensor shapes), so a repeated call skips
-tracing, and a model that torch-pruning has reshaped between two steps is traced again. Parameter
-*values* are read from the user's model at every call (the prepared absolute weights are reused while
-no tensor has been written to: ``data_ptr`` and ``_version`` unchanged).
+``lift(model)`` returns a :class:`Lifted` from a per-model cache. A cached result never outlives what it
+was computed from:
+
+* the captured graph is reused while :func:`structure_signature` is unchanged: the module tree, every
+  module's non-tensor attributes (conv padding, batch-norm ``eps``, pooling kernels, Python flags that
+  ``forward`` reads), and the identity, shape, dtype and device of every parameter and buffer; any
+  change captures the model again;
+* values derived from the parameters (signed and absolute ``(W, b)``, the forward/backward profile) are
+  reused while the model's tensors equal a private copy of the values they were computed from
+  (bit for bit: exact, and it sees writes through ``.data`` that ``_version`` misses). The copy costs
+  one model's worth of memory; the comparison is memory-bound, far cheaper than a pass.
 """
 from __future__ import annotations
 
+import enum
+import itertools
 import weakref
 
 import torch
@@ -19,12 +27,67 @@ from .graph import capture
 from .steps import Weights
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_STATES = itertools.count()  # tokens: one per (capture, parameter values), never reused
+_NOT_ATTRIBUTES = {"_parameters", "_buffers", "_modules", "training"}  # the tree and the tensors are read apart
+_PLAIN = (bool, int, str, bytes, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format, enum.Enum)
 
 
 def structure_signature(model: nn.Module, output) -> tuple:
-    mods = tuple((name, id(m), type(m), getattr(m, "groups", None)) for name, m in model.named_modules())
-    shapes = tuple((name, tuple(t.shape)) for name, t in params.named_tensors(model).items())
-    return mods, shapes, repr(output)
+    """What the captured graph depends on apart from tensor values: the module tree (names, types,
+    identities), each module's attributes other than its tensors, submodules and hooks (recursively into
+    plain objects), the identity, shape, dtype and device of every parameter and buffer, and ``output``.
+    Compare two signatures with :func:`same_signature`."""
+    mods = tuple((name, id(m), type(m), _frozen({k: v for k, v in vars(m).items()
+                                                   if k not in _NOT_ATTRIBUTES and "hook" not in k}))
+                 for name, m in model.named_modules(remove_duplicate=False))
+    tensors = tuple((name, id(t), tuple(t.shape), t.dtype, t.device) for name, t in params.named_tensors(model).items())
+    return mods, tensors, repr(output)
+
+
+def _frozen(v, depth=0):
+    """A comparable snapshot of an attribute value: plain values as they are, floats by their exact
+    hex, tensors as private copies, containers and plain objects element by element (to a depth of 6),
+    modules, functions and other objects by identity."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, float):
+        return ("float", v.hex())
+    if torch.is_tensor(v):
+        return v.detach().clone()
+    if depth > 6 or isinstance(v, (nn.Module, type)) or callable(v):
+        return ("object", type(v), id(v))
+    if isinstance(v, (tuple, list)):
+        return (type(v), tuple(_frozen(x, depth + 1) for x in v))
+    if isinstance(v, dict):
+        return (type(v), tuple((_frozen(k, depth + 1), _frozen(x, depth + 1)) for k, x in v.items()))
+    if isinstance(v, (set, frozenset)):
+        return (type(v), tuple(sorted((_frozen(x, depth + 1) for x in v), key=repr)))
+    if hasattr(v, "__dict__"):
+        return ("object", type(v), id(v), _frozen(vars(v), depth + 1))
+    return ("object", type(v), id(v))
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` (same shape, dtype, device) hold the same bits: exact, and about twice as fast as
+    ``torch.equal`` on floats (an integer compare; a NaN equals itself, -0.0 differs from 0.0)."""
+    bits = _BITS.get(a.element_size())
+    if bits is not None and a.is_floating_point() and a.is_contiguous() and b.is_contiguous():
+        a, b = a.detach().view(bits), b.detach().view(bits)
+    return bool(torch.equal(a, b))
+
+
+def same_signature(a, b) -> bool:
+    """Equality of two :func:`structure_signature` values (tensors compared bit for bit)."""
+    if type(a) is not type(b):
+        return False
+    if torch.is_tensor(a):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and same_bits(a, b)
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(same_signature(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -40,11 +103,46 @@ def model_device(model: nn.Module) -> torch.device:
     return devices.pop()
 
 
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "torch.float32": torch.float32,
+           "torch.float64": torch.float64}
+
+
 def compute_dtype(dtype) -> torch.dtype:
+    """``torch.float32`` or ``torch.float64``, also given as one of the strings of ``_DTYPES``."""
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64 (got {dtype}); half-precision models "
-                         "are computed in one of these")
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (or the strings 'float32', 'float64'), got "
+                         f"{dtype!r}; half-precision models are computed in one of these")
     return dtype
+
+
+def sample_shape(input_shape, plan=None) -> tuple:
+    """The shape of one input sample, validated: a tuple, list or ``torch.Size`` of positive ints (or a
+    tensor, read as its shape). With ``plan``, a leading batch dimension of 1 before the input of a first
+    conv, ``(1, C, *spatial)``, is dropped. The one place where every entry point checks ``input_shape``."""
+    hint = "the shape of one input sample as a tuple of positive ints, e.g. (3, 224, 224) or (784,)"
+    if torch.is_tensor(input_shape):
+        input_shape = tuple(input_shape.shape)
+    if isinstance(input_shape, int) and not isinstance(input_shape, bool):
+        raise PathSaliencyError(f"input_shape must be {hint}; got the int {input_shape} (write ({input_shape},) "
+                                "for a one-dimensional input)")
+    if not isinstance(input_shape, (tuple, list)):
+        raise PathSaliencyError(f"input_shape must be {hint}; got {type(input_shape).__name__} {input_shape!r}")
+    shape = []
+    for s in input_shape:
+        if isinstance(s, bool) or not hasattr(s, "__index__"):
+            raise PathSaliencyError(f"input_shape must be {hint}; got {tuple(input_shape)!r} (an entry that is not an int)")
+        shape.append(s.__index__())
+    if not shape:
+        raise PathSaliencyError(f"input_shape must be {hint}, with at least one dimension; got ()")
+    if min(shape) <= 0:
+        raise PathSaliencyError(f"input_shape must be {hint}; got {tuple(shape)} (sizes must be positive)")
+    shape = tuple(shape)
+    first = None if plan is None else next((s for s in plan.steps if s.input is plan.input), None)
+    if first is not None and isinstance(first, (steps.ConvStep, steps.ConvTransposeStep)) and shape[0] == 1:
+        if len(shape) == first.conv.weight.dim():  # (1, C, *spatial) for a conv with len(spatial)+2 dims
+            return shape[1:]
+    return shape
 
 
 class Lifted:
@@ -53,51 +151,59 @@ class Lifted:
     def __init__(self, model: nn.Module, output=None):
         self.device = model_device(model)
         self.plan = capture(model, output)
-        self._weights_cache, self._signed_cache = {}, {}
+        self._model = weakref.ref(model)
+        self._values = None  # name -> private copy of the tensor values the caches were computed from
+        self.state = None  # a token for those values (set by :meth:`verify`)
+        self._signed_cache, self._weights_cache = {}, {}
+
+    def verify(self, model: nn.Module):
+        """Compare ``model``'s tensors with the copy the caches were computed from; on any difference
+        (a write through ``.data``, in place, ``load_state_dict``, ``copy_``) drop the caches and take a new
+        copy. Returns the token of the current values (see :mod:`profile`)."""
+        tensors = params.named_tensors(model)
+        if self._values is not None and all(same_bits(self._values[n], t) for n, t in tensors.items()
+                                            if n in self._values):
+            return self.state
+        seen, values = set(), {}
+        for name, t in tensors.items():  # a tied tensor once (the signature holds who shares what)
+            if id(t) not in seen:
+                seen.add(id(t))
+                values[name] = t.detach().clone()
+        self._values, self.state = values, next(_STATES)
+        self._signed_cache, self._weights_cache = {}, {}
+        return self.state
 
     def sample_shape(self, input_shape) -> tuple:
-        """The shape of one sample: ``input_shape`` without a leading batch dimension of 1."""
-        shape = tuple(int(s) for s in (input_shape.shape if torch.is_tensor(input_shape) else input_shape))
-        first = next((s for s in self.plan.steps if s.input is self.plan.input), None)
-        if first is not None and isinstance(first, (steps.ConvStep, steps.ConvTransposeStep)) and shape and shape[0] == 1:
-            if len(shape) == first.conv.weight.dim():  # (1, C, *spatial) for a conv with len(spatial)+2 dims
-                return shape[1:]
-        return shape
+        """:func:`sample_shape` for this model's graph."""
+        return sample_shape(input_shape, self.plan)
 
-    def signed(self, source, dtype) -> dict:
-        """node -> signed ``(W, b)`` of every affine step, from a module or a state dict (cached for a
-        module while none of its tensors changes)."""
-        key = self.state_key(source, dtype) if isinstance(source, nn.Module) else None
-        hit = self._signed_cache.get(id(source))
-        if key is not None and hit is not None and hit[0] == key:
-            return hit[1]
-        out = self._signed(source, dtype)
-        if key is not None:
-            self._signed_cache = {id(source): (key, out)}
-        return out
+    def signed(self, source, dtype, what="model") -> dict:
+        """node -> signed ``(W, b)`` of every affine step, from a module or a state dict (cached for the
+        lifted model while its values are unchanged, see :meth:`verify`). ``what`` names the source in
+        errors (non-finite tensors, a batch-norm with ``running_var + eps <= 0``)."""
+        if source is not self._model():
+            return self._signed(source, dtype, what)
+        self.verify(source)
+        if dtype not in self._signed_cache:
+            self._signed_cache = {dtype: self._signed(source, dtype, what)}
+        return self._signed_cache[dtype]
 
-    def _signed(self, source, dtype) -> dict:
+    def _signed(self, source, dtype, what) -> dict:
         tensors = params.named_tensors(source)
         names = [n for s in self.plan.steps for n in params.step_tensor_names(s)]
-        params.check_finite(tensors, names, "model" if isinstance(source, nn.Module) else "state dict")
+        what = what if isinstance(source, nn.Module) else f"{what} (state dict)"
+        params.check_finite(tensors, names, what)
+        params.check_batchnorms(tensors, self.plan.steps, what)
         return {node: params.effective(step, tensors, dtype, self.device) for node, step in self.plan.affine.items()}
 
-    @staticmethod
-    def state_key(source, dtype) -> tuple:
-        """Changes whenever a tensor of ``source`` is replaced or written to in place."""
-        tensors = params.named_tensors(source)
-        return (dtype,) + tuple((id(t), t.data_ptr(), t._version) for t in tensors.values())
-
     def absolute(self, source, dtype, q=1) -> dict:
-        """node -> :class:`Weights` ``(|W|**q, |b|**q)``, cached while the source tensors are unchanged."""
-        key = (q,) + self.state_key(source, dtype)
-        hit = self._weights_cache.get(id(source))
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        out = {node: Weights.absolute(w, b, q) for node, (w, b) in self.signed(source, dtype).items()}
-        if isinstance(source, nn.Module):
-            self._weights_cache = {id(source): (key, out)}
-        return out
+        """node -> :class:`Weights` ``(|W|**q, |b|**q)`` (cached like :meth:`signed`)."""
+        signed = self.signed(source, dtype)
+        if source is not self._model():
+            return {node: Weights.absolute(w, b, q) for node, (w, b) in signed.items()}
+        if (dtype, q) not in self._weights_cache:
+            self._weights_cache = {(dtype, q): {node: Weights.absolute(w, b, q) for node, (w, b) in signed.items()}}
+        return self._weights_cache[(dtype, q)]
 
 
 def lift(model: nn.Module, output=None) -> Lifted:
@@ -106,7 +212,7 @@ def lift(model: nn.Module, output=None) -> Lifted:
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     sig = structure_signature(model, output)
     hit = _CACHE.get(model)
-    if hit is not None and hit[0] == sig:
+    if hit is not None and same_signature(hit[0], sig):
         return hit[1]
     lifted = Lifted(model, output)
     _CACHE[model] = (sig, lifted)
@@ -114,8 +220,10 @@ def lift(model: nn.Module, output=None) -> Lifted:
 
 
 def check_same_architecture(model, lifted: Lifted, other, output=None):
-    """``other`` (a module or a state dict) must be theta' of the same architecture: the same graph and
-    the same shape for every tensor that theta is made of. Raises :class:`ArchitectureMismatchError`."""
+    """``other`` (a module or a state dict) must be theta' of the same architecture: the same graph, the
+    same hyper-parameters of every module it calls (``extra_repr``: padding, ``eps``, kernels), and the
+    same shape for every tensor that theta is made of (keys of a state dict that theta does not use are
+    ignored; a missing one is refused). The one architecture check of the library. Raises :class:`ArchitectureMismatchError`."""
     if isinstance(other, nn.Module):
         theirs = lift(other, output).plan
         mine = [(n.op, str(n.target)) for n in lifted.plan.nodes]
@@ -126,6 +234,12 @@ def check_same_architecture(model, lifted: Lifted, other, output=None):
             b = other_nodes[diff] if diff < len(other_nodes) else "<end>"
             raise ArchitectureMismatchError(f"the two models have different graphs: node {diff} is {a} in the "
                                             f"first and {b} in the second")
+        for n in lifted.plan.graph.nodes:  # the same hyper-parameters (padding, eps, pooling kernels, ...)
+            if n.op == "call_module":
+                a, b = lifted.plan.root.get_submodule(n.target), theirs.root.get_submodule(n.target)
+                if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+                    raise ArchitectureMismatchError(f"module '{n.target}' is {a!r} in the first model and {b!r} in "
+                                                    "the second")
     mine_t, theirs_t = params.named_tensors(model), params.named_tensors(other)
     for step in lifted.plan.steps:
         for name in params.step_tensor_names(step):

@@ -113,7 +113,7 @@ def path_metric(model, other, input_shape, *, output=None, dtype=torch.float64) 
     shape = lifted.sample_shape(input_shape)
     dev = lifted.device
     with torch.no_grad():
-        p, r = _signed(lifted, model, dtype), _signed(lifted, other, dtype)
+        p, r = _signed(lifted, model, dtype, "reference model"), _signed(lifted, other, dtype, "other model")
         if _dominates(p, r):
             a, b = _abs_all(p), _abs_all(r)
             log2_d, log2_small = coupled_pass(lifted.plan, a, _filled(b, a), shape, dtype=dtype, device=dev)
@@ -138,11 +138,11 @@ def _lifted_pair(model, other, output):
     return lifted, model
 
 
-def _signed(lifted, source, dtype) -> dict:
-    """node -> signed ``(W, b)`` of ``source``: a module, a state dict or a Theta."""
+def _signed(lifted, source, dtype, what) -> dict:
+    """node -> signed ``(W, b)`` of ``source``: a module, a state dict or a Theta (``what`` names it in errors)."""
     if isinstance(source, Theta):
         return source.signed(lifted.plan, dtype, lifted.device)
-    return lifted.signed(source, dtype)
+    return lifted.signed(source, dtype, what)
 
 
 def _abs_all(p: dict) -> dict:
@@ -183,8 +183,8 @@ def layer_distances(model, other, input_shape, *, output=None, dtype=torch.float
     plan = lifted.plan
     shape = lifted.sample_shape(input_shape)
     prof = profile(model, lifted, shape, dtype)
-    reentrant = set(_reentrant_modules(lifted))
-    p, r = _signed(lifted, model, dtype), _signed(lifted, other, dtype)
+    reentrant = set(_reentrant_modules(lifted, model))
+    p, r = _signed(lifted, model, dtype, "reference model"), _signed(lifted, other, dtype, "other model")
     out_e = prof.cache[plan.output].e.to(torch.float64)
     result = {}
     with torch.no_grad():

@@ -29,6 +29,8 @@ class PathValue:
 
     @property
     def value(self) -> float:
+        if math.isnan(self.log2):
+            return math.nan
         if self.log2 == -math.inf:
             return 0.0
         if self.log2 >= 1024:
@@ -55,8 +57,8 @@ def path_norm(model, input_shape, q=1, *, output=None, dtype=torch.float32) -> P
     ``output`` picks the tensor of a model that returns a tuple or dict (an index, a key or a callable).
     ``dtype``: float32 (default: fast, relative error about 1e-6) or float64.
     """
-    if q <= 0:
-        raise ValueError(f"q must be positive, got {q}")
+    if not (math.isfinite(q) and q > 0):
+        raise ValueError(f"q must be a positive finite number (the l^q path-norm), got {q!r}")
     dtype = compute_dtype(dtype)
     lifted = lift(model, output)
     shape = lifted.sample_shape(input_shape)

@@ -17,6 +17,11 @@ from .errors import ArchitectureMismatchError, PathSaliencyError
 from .steps import BatchNormStep
 
 
+def qualified(module: str, name: str) -> str:
+    """The name of tensor ``name`` of the module named ``module`` ('' for the root: a bare nn.Linear)."""
+    return f"{module}.{name}" if module else name
+
+
 def named_tensors(source) -> Mapping[str, torch.Tensor]:
     """The tensors a module computes with by qualified name (:func:`compressed.module_tensors`: refuses a
     compressed model it cannot read), or a state dict as given (refused if it holds integer weights)."""
@@ -40,8 +45,8 @@ def effective(step, tensors: Mapping[str, torch.Tensor], dtype, device):
 
     if isinstance(step, BatchNormStep):
         return _bn_affine(step, get)
-    w = get(f"{step.module}.weight")
-    b = get(f"{step.module}.bias", required=False)
+    w = get(qualified(step.module, "weight"))
+    b = get(qualified(step.module, "bias"), required=False)
     if step.bn is None:
         return w, b
     s, t = _bn_affine(step, get)
@@ -61,8 +66,8 @@ def bn_affine(step, tensors, dtype, device):
 
 
 def _bn_affine(step, get):
-    mean, var = get(f"{step.bn}.running_mean"), get(f"{step.bn}.running_var")
-    gamma, beta = get(f"{step.bn}.weight", False), get(f"{step.bn}.bias", False)
+    mean, var = get(qualified(step.bn, "running_mean")), get(qualified(step.bn, "running_var"))
+    gamma, beta = get(qualified(step.bn, "weight"), False), get(qualified(step.bn, "bias"), False)
     s = torch.rsqrt(var + step.eps)
     if gamma is not None:
         s = gamma * s
@@ -73,7 +78,7 @@ def _bn_affine(step, get):
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], names, what="model"):
-    """Refuse NaN or infinite parameters, naming them."""
+    """Refuse NaN or infinite parameters, naming them and the model (``what``) they belong to."""
     checked = [n for n in names if n in tensors and tensors[n].is_floating_point()]
     if not checked:
         return
@@ -84,10 +89,25 @@ def check_finite(tensors: Mapping[str, torch.Tensor], names, what="model"):
         raise PathSaliencyError(f"the {what} has NaN or infinite values in: {', '.join(bad)}")
 
 
+def check_batchnorms(tensors: Mapping[str, torch.Tensor], steps, what="model"):
+    """Refuse a batch-norm whose ``running_var + eps`` is not positive: its scale ``1/sqrt(var + eps)``
+    is not a finite number."""
+    for step in steps:
+        var = tensors.get(qualified(step.bn, "running_var")) if step.bn is not None else None
+        if var is None:
+            continue
+        bad = (var.detach() + step.eps <= 0).nonzero().flatten()
+        if len(bad):
+            raise PathSaliencyError(
+                f"batch-norm '{step.bn}' of the {what} has running_var + eps <= 0 in channel(s) {bad[:8].tolist()} "
+                f"(running_var {var.detach()[bad[0]].item():.3g}, eps {step.eps:.3g}): its scale 1/sqrt(var + eps) is "
+                "not finite; recalibrate its running statistics or give it eps > 0")
+
+
 def step_tensor_names(step):
     names = []
-    if step.module:
-        names += [f"{step.module}.weight", f"{step.module}.bias"]
-    if step.bn:
-        names += [f"{step.bn}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
+    if step.module is not None:
+        names += [qualified(step.module, k) for k in ("weight", "bias")]
+    if step.bn is not None:
+        names += [qualified(step.bn, k) for k in ("weight", "bias", "running_mean", "running_var")]
     return names

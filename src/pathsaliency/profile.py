@@ -2,8 +2,9 @@
 
 Saliencies and per-layer distances both read it: the activation ``fwd(v)`` of every node, the
 derivative ``bwd(v)`` of the total output by it (the sum over path suffixes from ``v``), and per affine
-step the per-channel ``sum fwd * bwd`` relative to the norm. The cache key is the model's structure and
-the identity and version of every tensor, so any change to the model computes it again.
+step the per-channel ``sum fwd * bwd`` relative to the norm. It is cached per model under the token of
+the model's capture and parameter values (:meth:`pathsaliency.lifting.Lifted.verify`), so any change to
+the model's structure or values computes it again.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ _PROFILES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 
 
 def profile(model, lifted, shape, dtype) -> Profile:
-    key = (id(lifted), shape, dtype, lifted.state_key(model, dtype))
+    lifted.verify(model)
+    key = (lifted.state, shape, dtype)
     hit = _PROFILES.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]

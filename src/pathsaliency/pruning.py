@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import steps
+from . import params, steps
 from .criteria import INVARIANT_CRITERIA, invariant_scores
 from .saliency import path_magnitude
 
@@ -16,11 +16,15 @@ CRITERIA = ("path-magnitude", "magnitude") + INVARIANT_CRITERIA
 
 def prunable_weights(model: nn.Module, exclude: Callable[[str, torch.Tensor], bool] | None = None) -> list:
     """Names of the conv/linear weights that pruning may zero: trainable ones (``requires_grad``), minus
-    ``exclude(name, tensor)``. Frozen weights (e.g. a fixed-weight shortcut) are structure, not theta to prune."""
-    names = []
+    ``exclude(name, tensor)``. Frozen weights (e.g. a fixed-weight shortcut) are structure, not theta to prune.
+    A tensor shared by several modules appears once, under the name ``model.named_parameters()`` gives it."""
+    names, seen = [], set()
     for mname, mod in model.named_modules():
         if isinstance(mod, steps.WEIGHT_MODULES):
-            name = f"{mname}.weight"
+            name = params.qualified(mname, "weight")
+            if id(mod.weight) in seen:
+                continue
+            seen.add(id(mod.weight))
             if mod.weight.requires_grad and not (exclude and exclude(name, mod.weight)):
                 names.append(name)
     return names
@@ -32,9 +36,9 @@ def unstructured_scores(model, input_shape=None, criterion="path-magnitude", nam
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     names = prunable_weights(model) if names is None else names
-    params = dict(model.named_parameters())
+    weights = dict(model.named_parameters())
     if criterion == "magnitude":
-        return {n: params[n].detach().abs() for n in names}
+        return {n: weights[n].detach().abs() for n in names}
     if input_shape is None:
         raise ValueError(f"{criterion} needs input_shape, the shape of one input sample, e.g. (3, 224, 224)")
     if criterion in INVARIANT_CRITERIA:
@@ -42,7 +46,8 @@ def unstructured_scores(model, input_shape=None, criterion="path-magnitude", nam
     scores = path_magnitude(model, input_shape, **kw)
     missing = [n for n in names if n not in scores]
     if missing:
-        raise ValueError(f"weights {missing} do not reach the output: path-magnitude cannot score them")
+        raise ValueError(f"weights {missing} do not reach the output: path-magnitude cannot score them; leave them "
+                         f"out of pruning with exclude=lambda name, weight: name in {set(missing)!r}")
     return {n: scores[n] for n in names}
 
 

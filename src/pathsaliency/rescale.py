@@ -19,6 +19,7 @@ import torch.nn as nn
 from .lifting import lift
 from .ops import ChannelMap
 from .steps import ConvStep, ConvTransposeStep, LinearStep
+from .params import qualified
 
 
 def rescalable_channels(plan) -> list:
@@ -69,19 +70,19 @@ def random_rescale(model: nn.Module, factors=(1, 128, 4096), generator: torch.Ge
     params = dict(copied.named_parameters())
     with torch.no_grad():
         for step, consumers in rescalable_channels(plan):
-            if step.bn is not None and f"{step.bn}.weight" not in params:
+            if step.bn is not None and qualified(step.bn, "weight") not in params:
                 continue  # a batch-norm without affine parameters: nothing exact to scale
-            width = params[f"{step.module}.weight"].shape[0]
+            width = params[qualified(step.module, "weight")].shape[0]
             lam = choices[torch.randint(len(choices), (width,), generator=generator)]
             if step.bn is not None:
-                _scale_rows(params[f"{step.bn}.weight"], lam)
-                _scale_rows(params[f"{step.bn}.bias"], lam)
+                _scale_rows(params[qualified(step.bn, "weight")], lam)
+                _scale_rows(params[qualified(step.bn, "bias")], lam)
             else:
-                _scale_rows(params[f"{step.module}.weight"], lam)
-                if f"{step.module}.bias" in params:
-                    _scale_rows(params[f"{step.module}.bias"], lam)
+                _scale_rows(params[qualified(step.module, "weight")], lam)
+                if qualified(step.module, "bias") in params:
+                    _scale_rows(params[qualified(step.module, "bias")], lam)
             for s, flat in consumers:
-                w = params[f"{s.module}.weight"]
+                w = params[qualified(s.module, "weight")]
                 s.scale_inputs(w, (1.0 / lam).to(w.dtype).to(w.device), flat)
     return copied
 

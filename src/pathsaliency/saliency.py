@@ -38,20 +38,31 @@ class Scores(dict):
     scale: PathValue
 
 
+def _canonical_names(model) -> dict:
+    """id(tensor) -> the name ``model.named_parameters()`` gives it (the first of a tied tensor's names)."""
+    names = {}
+    for name, t in params.named_tensors(model).items():
+        names.setdefault(id(t), name)
+    return names
+
+
 def _affine_weights_with_grad(lifted, model, dtype):
-    """Absolute weights whose conv/linear parts hang on leaves ``|W_raw|`` (one per module):
-    ``|s * W| = |s| * |W|`` for a folded batch-norm scale ``s``."""
+    """Absolute weights whose conv/linear parts hang on leaves ``|W_raw|``, one per weight *tensor*
+    (a module called twice, or modules sharing a tensor, read one leaf), keyed by the tensor's canonical
+    name: ``|s * W| = |s| * |W|`` for a folded batch-norm scale ``s``."""
     tensors = params.named_tensors(model)
+    canonical = _canonical_names(model)
     leaves, weights = {}, {}
     for node, (w, b) in lifted.signed(model, dtype).items():
         step = lifted.plan.affine[node]
         if step.module is None:
             weights[node] = Weights.absolute(w, b)
             continue
-        leaf = leaves.get(step.module)
+        raw = tensors[params.qualified(step.module, "weight")]
+        name = canonical[id(raw)]
+        leaf = leaves.get(name)
         if leaf is None:
-            raw = tensors[f"{step.module}.weight"].detach().to(device=lifted.device, dtype=dtype)
-            leaf = leaves[step.module] = raw.abs().requires_grad_(True)
+            leaf = leaves[name] = raw.detach().to(device=lifted.device, dtype=dtype).abs().requires_grad_(True)
         a = leaf
         if step.bn is not None:
             s, _ = params.bn_affine(step, tensors, dtype, lifted.device)
@@ -60,24 +71,27 @@ def _affine_weights_with_grad(lifted, model, dtype):
     return weights, leaves
 
 
-def _reentrant_modules(lifted) -> list:
-    """Modules called several times where one call's output reaches another call (a path may then
-    use the same weight twice, and the gradient is no longer the removal)."""
-    plan = lifted.plan
+def _reentrant_modules(lifted, model) -> list:
+    """Modules whose weight tensor is used by several steps (a module called several times, or modules
+    sharing one tensor) where one use's output reaches another use: a path may then use the same weight
+    twice, and the gradient is no longer the removal."""
+    plan, tensors = lifted.plan, params.named_tensors(model)
+    uses = {}
+    for step in plan.steps:
+        if step.module is not None:
+            uses.setdefault(id(tensors[params.qualified(step.module, "weight")]), []).append(step)
     bad = []
-    for name in plan.shared:
-        nodes = [s.node for s in plan.module_steps(name)]
-        for n in nodes:
-            reach = plan.reachable_from([n])
-            if any(m is not n and m in reach for m in nodes):
-                bad.append(name)
-                break
+    for steps in uses.values():
+        nodes = [s.node for s in steps]
+        if any(any(m is not n and m in plan.reachable_from([n]) for m in nodes) for n in nodes):
+            bad += sorted({s.module for s in steps})
     return bad
 
 
 @ieee_float32()
 def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.float32) -> Scores:
-    """Per-weight path-magnitude scores of every conv/linear weight, keyed by parameter name.
+    """Per-weight path-magnitude scores of every conv/linear weight, keyed by parameter name (a tensor
+    shared by several modules once, under the name ``model.named_parameters()`` gives it).
 
     ``score_i = |theta_i| * d||Phi(theta)||_1 / d|theta_i| / ||Phi(theta)||_1``: the fraction of the
     path-norm (and exactly the path-metric) lost by setting weight ``i`` alone to zero. Invariant under
@@ -86,14 +100,18 @@ def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.fl
     """
     dtype = compute_dtype(dtype)
     lifted = lift(model, output)
-    bad = _reentrant_modules(lifted)
+    bad = _reentrant_modules(lifted, model)
     if bad:
         raise PathSaliencyError(
-            f"modules {bad} are called several times along one path: a path can use their weights twice, so "
-            "the one-pass score is not the removal; compute those by path_metric(model, model_with_weight_zeroed)")
+            f"weights {[params.qualified(m, 'weight') for m in bad]} are used several times along one path (a module called "
+            "twice, or modules sharing one tensor): a path can use them twice, so the one-pass score is not the "
+            "removal; compute those by path_metric(model, model_with_weight_zeroed)")
     shape = lifted.sample_shape(input_shape)
     with torch.enable_grad():  # also when the caller is under torch.no_grad()
         weights, leaves = _affine_weights_with_grad(lifted, model, dtype)
+        if not leaves:
+            raise PathSaliencyError("the model has no conv or linear weight on a path to the output: "
+                                    "path_magnitude has nothing to score")
         log2, env = norm_pass(lifted.plan, weights, shape, dtype=dtype, device=lifted.device)
         out = env[lifted.plan.output]
         total = out.t.sum(dtype=torch.float64)
@@ -101,11 +119,10 @@ def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.fl
     scores = Scores()
     tensors = params.named_tensors(model)
     norm = float(total.detach())
-    for name, leaf in leaves.items():
+    for pname, leaf in leaves.items():
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         # in the pass's dtype: the gradient itself is no more precise than that
         score = torch.mul(leaf.detach(), grad).mul_(1.0 / norm) if norm > 0 else torch.zeros_like(grad)  # no path
-        pname = f"{name}.weight"
         scores[pname] = score.to(tensors[pname].device).view_as(tensors[pname])
     scores.scale = PathValue(float(log2.detach()[0]))
     return scores

@@ -48,7 +48,7 @@ class Step:
 
     @property
     def name(self) -> str:
-        return self.module or self.bn
+        return self.module if self.module is not None else self.bn
 
     def folded(self, node: fx.Node, bn: str, eps: float) -> "Step":
         """This conv/linear with the batch-norm ``bn`` (whose output is ``node``) folded into it."""

@@ -173,21 +173,21 @@ class Theta:
                     continue  # a module called again: from_folded gave all its calls one (W, b)
                 if step.module is None:  # a standalone batch-norm: s * (x - 0) / sqrt(1 + 0) + t
                     bn = modules[step.bn]
-                    _write(target, f"{step.bn}.weight", w, step.name)
-                    _write(target, f"{step.bn}.bias", b, step.name)
+                    _write(target, params.qualified(step.bn, "weight"), w, step.name)
+                    _write(target, params.qualified(step.bn, "bias"), b, step.name)
                     _identity_statistics(target, bn, step.bn, None, step.name)
                     continue
-                _write(target, f"{step.module}.weight", w, step.name)
+                _write(target, params.qualified(step.module, "weight"), w, step.name)
                 if step.bn is None:
                     if b is not None:
-                        _write(target, f"{step.module}.bias", b, step.name)
+                        _write(target, params.qualified(step.module, "bias"), b, step.name)
                     continue
-                if f"{step.module}.bias" in target:
-                    target[f"{step.module}.bias"].zero_()
+                if params.qualified(step.module, "bias") in target:
+                    target[params.qualified(step.module, "bias")].zero_()
                 bn = modules[step.bn]
                 for k in ("weight", "bias"):
-                    if f"{step.bn}.{k}" in target:
-                        target[f"{step.bn}.{k}"].fill_(1.0 if k == "weight" else 0.0)
+                    if params.qualified(step.bn, k) in target:
+                        target[params.qualified(step.bn, k)].fill_(1.0 if k == "weight" else 0.0)
                 _identity_statistics(target, bn, step.bn, b, step.name)
         return model
 

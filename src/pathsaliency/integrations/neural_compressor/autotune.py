@@ -26,6 +26,7 @@ from neural_compressor.torch.quantization import DynamicQuantConfig, INT8StaticQ
 from torch import fx, nn
 
 import pathsaliency
+from pathsaliency.lifting import sample_shape
 
 from . import _compat, pt2e
 from .quantize import _as_tuple, _call, _model_input
@@ -65,7 +66,7 @@ class CertifiedObjective:
         dtype: torch.dtype = torch.float64,
     ):
         self.reference = reference
-        self.input_shape = tuple(input_shape.shape if torch.is_tensor(input_shape) else input_shape)
+        self.input_shape = sample_shape(input_shape)
         self.example_inputs = None if example_inputs is None else _as_tuple(example_inputs)
         self.output = output
         self.dtype = dtype

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import pathsaliency
+from pathsaliency.lifting import sample_shape
 from pathsaliency.pruning import masks_from_scores
 
 from . import _compat
@@ -94,11 +95,6 @@ def _check_ratio(ratio: float) -> float:
     return ratio
 
 
-def _sample_shape(input_shape: Any) -> Tuple[int, ...]:
-    shape = input_shape.shape if torch.is_tensor(input_shape) else input_shape
-    return tuple(int(s) for s in shape)
-
-
 def _mask_hooks(model: nn.Module) -> Dict[str, nn.Module]:
     """``{constant name: UnstructuredPruningMask}`` of an NNCF-pruned model (NNCF's ``get_pruned_modules``)."""
     if not _compat.is_wrapped(model):
@@ -140,10 +136,10 @@ def _state_for(
             )
         # a plain copy of the architecture: NNCF's own strip (weights times masks, hooks removed)
         shadow = nncf.strip(model, do_copy=True, strip_format=nncf.StripFormat.IN_PLACE)
-        state = _PruneState(shadow, _sample_shape(input_shape), _check_scope(scope or "global"))
+        state = _PruneState(shadow, sample_shape(input_shape), _check_scope(scope or "global"))
         _PRUNED[model] = state
     if input_shape is not None:
-        state.input_shape = _sample_shape(input_shape)
+        state.input_shape = sample_shape(input_shape)
     if scope is not None:
         state.scope = _check_scope(scope)
     if output is not None:
@@ -324,7 +320,7 @@ def prune(
     _compat.allow_slow_extension_build()
     ratio = _check_ratio(ratio)
     mode = _SCOPE_TO_MODE[_check_scope(scope)]
-    shape = _sample_shape(input_shape)
+    shape = sample_shape(input_shape)
     shadow = copy.deepcopy(model)
     work = copy.deepcopy(model)
     if type(work) is nn.Sequential:
