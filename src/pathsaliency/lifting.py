@@ -20,6 +20,7 @@ import weakref
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from . import params, steps
 from .errors import ArchitectureMismatchError, PathSaliencyError
@@ -219,6 +220,11 @@ def lift(model: nn.Module, output=None) -> Lifted:
     return lifted
 
 
+def _plain_type(module: nn.Module) -> type:
+    """The module's class, seen through torch parametrizations (which subclass it on the fly)."""
+    return type_before_parametrizations(module)
+
+
 def check_same_architecture(model, lifted: Lifted, other, output=None):
     """``other`` (a module or a state dict) must be theta' of the same architecture: the same graph, the
     same hyper-parameters of every module it calls (``extra_repr``: padding, ``eps``, kernels), and the
@@ -237,7 +243,7 @@ def check_same_architecture(model, lifted: Lifted, other, output=None):
         for n in lifted.plan.graph.nodes:  # the same hyper-parameters (padding, eps, pooling kernels, ...)
             if n.op == "call_module":
                 a, b = lifted.plan.root.get_submodule(n.target), theirs.root.get_submodule(n.target)
-                if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+                if _plain_type(a) is not _plain_type(b) or a.extra_repr() != b.extra_repr():
                     raise ArchitectureMismatchError(f"module '{n.target}' is {a!r} in the first model and {b!r} in "
                                                     "the second")
     mine_t, theirs_t = params.named_tensors(model), params.named_tensors(other)

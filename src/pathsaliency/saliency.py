@@ -38,10 +38,12 @@ class Scores(dict):
     scale: PathValue
 
 
-def _canonical_names(model) -> dict:
-    """id(tensor) -> the name ``model.named_parameters()`` gives it (the first of a tied tensor's names)."""
+def _canonical_names(tensors) -> dict:
+    """id(tensor) -> the first of its names in ``tensors`` (``params.named_tensors``: the name
+    ``model.named_parameters()`` gives a tied tensor). Pass the same mapping the ids are looked up in:
+    a parametrized weight is computed anew at every read."""
     names = {}
-    for name, t in params.named_tensors(model).items():
+    for name, t in tensors.items():
         names.setdefault(id(t), name)
     return names
 
@@ -51,7 +53,7 @@ def _affine_weights_with_grad(lifted, model, dtype):
     (a module called twice, or modules sharing a tensor, read one leaf), keyed by the tensor's canonical
     name: ``|s * W| = |s| * |W|`` for a folded batch-norm scale ``s``."""
     tensors = params.named_tensors(model)
-    canonical = _canonical_names(model)
+    canonical = _canonical_names(tensors)
     leaves, weights = {}, {}
     for node, (w, b) in lifted.signed(model, dtype).items():
         step = lifted.plan.affine[node]
