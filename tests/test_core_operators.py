@@ -142,3 +142,25 @@ def test_an_unregistered_operator_is_a_lookup_miss_with_the_node_named(assert_un
     with assert_untouched(model), pytest.raises(UnsupportedModelError, match="not in the supported set") as info:
         ps.path_norm(model, (3,))
     assert info.value.offenders[0][0] == "erf"
+
+
+class ScaledHead(nn.Module):
+    """``c * lin(x)`` with the constant on the left (``left=True``) or on the right."""
+
+    def __init__(self, left):
+        super().__init__()
+        self.lin, self.left = nn.Linear(4, 3), left
+
+    def forward(self, x):
+        return 4 * self.lin(x) if self.left else self.lin(x) * 4
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_multiplying_by_a_power_of_two_adds_its_exponent_to_the_path_norm(left, assert_untouched):
+    """Every path gains the factor 4: log2 ||Phi|| grows by exactly 2, whichever side the number is on."""
+    torch.manual_seed(0)
+    model = ScaledHead(left)
+    with assert_untouched(model):
+        scaled = ps.path_norm(model, (4,), dtype=torch.float64).log2
+    plain = ps.path_norm(nn.Sequential(model.lin), (4,), dtype=torch.float64).log2
+    assert scaled - plain == 2.0

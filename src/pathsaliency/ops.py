@@ -127,12 +127,14 @@ class Sum(Action):
 
 @dataclass
 class Scale(Action):
-    """Multiplication by a positive constant ``c`` (division by ``1 / c``)."""
+    """Multiplication by a positive constant ``c`` (division by ``1 / c``); the activation is the
+    argument at ``value_index`` (``2 * x`` as well as ``x * 2``)."""
 
     c: float
+    value_index: int = 0
 
     def apply(self, args, kwargs, q):
-        return args[0] * (self.c ** q)
+        return args[self.value_index] * (self.c ** q)
 
 
 @dataclass
@@ -610,7 +612,7 @@ def _scale(divide, method):
         c = float(others[0])
         if c <= 0:
             return Refusal(f"multiplication by {c}: fixed edges must have positive weight")
-        return Scale(1.0 / c if divide else c)
+        return Scale(1.0 / c if divide else c, next(i for i, a in enumerate(args) if is_value(a)))
     return factory
 
 
