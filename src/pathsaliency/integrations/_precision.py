@@ -14,7 +14,9 @@ from typing import Dict, List, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["choose_float_layers", "weight_size_bits"]
+import pathsaliency
+
+__all__ = ["candidate_distances", "choose_float_layers", "float_layers_of_theta", "weight_size_bits"]
 
 
 def weight_size_bits(reference: nn.Module, float_layers: Sequence[str], layers: Sequence[str], *, bits: int = 8,
@@ -65,3 +67,19 @@ def choose_float_layers(
 
 def _relative(d: object) -> float:
     return float(getattr(d, "relative", d))
+
+
+def candidate_distances(reference: nn.Module, quantized, input_shape, *, output=None) -> Dict[str, object]:
+    """``{layer: D_l}`` for the conv/linear layers (with a ``weight`` parameter) whose quantization
+    changed theta (``D_l > 0``); ``quantized``: the ``pathsaliency.Theta`` an adapter read back from the
+    all-quantized model. One forward and one backward pass (``pathsaliency.layer_distances``)."""
+    distances = pathsaliency.layer_distances(reference, quantized, input_shape, output=output)
+    return {n: d for n, d in distances.items() if d.log2 > float("-inf")
+            and isinstance(getattr(reference.get_submodule(n), "weight", None), nn.Parameter)}
+
+
+def float_layers_of_theta(reference: nn.Module, quantized, input_shape, max_size: float, *, bits: int = 8,
+                          output=None) -> List[str]:
+    """:func:`choose_float_layers` over :func:`candidate_distances`."""
+    distances = candidate_distances(reference, quantized, input_shape, output=output)
+    return choose_float_layers(reference, distances, max_size, bits=bits)

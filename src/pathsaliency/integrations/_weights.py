@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Mapping, Tuple
 import torch
 from torch import nn
 
-__all__ = ["assemble_weights", "check_buffers", "load_effective_weights"]
+__all__ = ["assemble_weights", "check_buffers", "load_effective_weights", "reference_state"]
 
 
 def assemble_weights(
@@ -100,3 +100,21 @@ def load_effective_weights(reference: nn.Module, weights: Mapping[str, torch.Ten
                 raise ValueError(f"{name!r}: shape {tuple(value.shape)} != {tuple(tensor.shape)}")
             tensor.copy_(value.to(tensor))
     return model
+
+
+def reference_state(reference: nn.Module, values: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], *,
+                    source: str) -> Dict[str, torch.Tensor]:
+    """``{name of reference.state_dict(): tensor}``: the read-back value where ``values`` has one, else the
+    quantized model's own tensor of that name (biases, batch-norm statistics); detached, not copied.
+    Raises naming the first missing tensors (``reference`` is then not the model that was quantized)."""
+    state, missing = {}, []
+    for name in reference.state_dict():
+        value = values.get(name, own.get(name))
+        if value is None:
+            missing.append(name)
+        else:
+            state[name] = value.detach()
+    if missing:
+        raise ValueError(f"{source}: the compressed model has no tensors {missing[:5]}; is `reference` the float "
+                         "model that was compressed?")
+    return state

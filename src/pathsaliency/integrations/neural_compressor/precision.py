@@ -13,9 +13,7 @@ from typing import Any, List, Sequence
 from neural_compressor.torch.quantization import StaticQuantConfig
 from torch import nn
 
-import pathsaliency
-
-from .._precision import choose_float_layers
+from .._precision import candidate_distances, choose_float_layers, float_layers_of_theta
 from .readback import effective_theta
 
 __all__ = ["keep_float_by_certificate", "float_layers_config", "float_layer_configs"]
@@ -28,14 +26,6 @@ def float_layers_config(float_layers: Sequence[str], **config_kwargs: Any) -> St
     for name in float_layers:
         config.set_local(name, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
     return config
-
-
-def _distances(reference, compressed, input_shape, example_inputs, output) -> dict:
-    """Single-layer certified distances of the conv/linear layers ``compressed`` changed."""
-    theta = effective_theta(compressed, reference, example_inputs=example_inputs)
-    distances = pathsaliency.layer_distances(reference, theta, input_shape, output=output)
-    return {n: d for n, d in distances.items() if d.log2 > float("-inf")
-            and isinstance(getattr(reference.get_submodule(n), "weight", None), nn.Parameter)}
 
 
 def keep_float_by_certificate(
@@ -55,8 +45,8 @@ def keep_float_by_certificate(
     single-layer distances ``D_l`` (``layer_distances(reference, effective_theta(compressed, reference))``)
     rank the layers, see ``choose_float_layers``.
     """
-    distances = _distances(reference, compressed, input_shape, example_inputs, output)
-    return choose_float_layers(reference, distances, max_size, bits=bits)
+    theta = effective_theta(compressed, reference, example_inputs=example_inputs)
+    return float_layers_of_theta(reference, theta, input_shape, max_size, bits=bits, output=output)
 
 
 def float_layer_configs(
@@ -73,6 +63,7 @@ def float_layer_configs(
     """``[float_layers_config(keep_float_by_certificate(..., size)) for size in sorted(sizes)]`` from one
     ``layer_distances`` pass: candidates for ``autotune_certified(reference, configs, ...)``, smallest
     size (most aggressive) first, so autotune stops at the smallest model within its certified tolerance."""
-    distances = _distances(reference, compressed, input_shape, example_inputs, output)
+    theta = effective_theta(compressed, reference, example_inputs=example_inputs)
+    distances = candidate_distances(reference, theta, input_shape, output=output)
     return [float_layers_config(choose_float_layers(reference, distances, size, bits=bits), **config_kwargs)
             for size in sorted(sizes)]

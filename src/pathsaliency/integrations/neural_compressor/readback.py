@@ -71,17 +71,7 @@ def effective_theta(compressed: nn.Module, reference: nn.Module, *, example_inpu
         return pt2e.folded_theta(compressed, reference, example_inputs)
     if _is_weight_only(compressed):
         values = _woq_parameters(compressed, reference)
-        own = dict(compressed.named_buffers())
-        state, missing = {}, []
-        for name in reference.state_dict():
-            value = values.get(name, own.get(name))
-            if value is None:
-                missing.append(name)
-            else:
-                state[name] = value.detach()
-        if missing:
-            raise ValueError(f"{_SOURCE}: the quantized model has no tensors {missing[:5]}; is `reference` the "
-                             "float model that was quantized?")
+        state = _weights.reference_state(reference, values, dict(compressed.named_buffers()), source=_SOURCE)
         return Theta.from_state_dict(reference, state)
     raise ValueError(f"{_SOURCE}: no INC quantization (PT2E q/dq ops or weight-only modules) found in the model")
 

@@ -13,9 +13,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 import nncf
 from torch import nn
 
-import pathsaliency
-
-from .._precision import choose_float_layers
+from .._precision import float_layers_of_theta
 from .quantize import _model_input, compress_weights, quantize_int8
 from .readback import effective_theta
 
@@ -48,10 +46,7 @@ def keep_float_by_certificate(
     Only layers whose weight NNCF changed are candidates.
     """
     theta = effective_theta(compressed, reference, example_inputs=example_inputs)
-    distances = pathsaliency.layer_distances(reference, theta, input_shape, output=output)
-    candidates = {n: d for n, d in distances.items() if d.log2 > float("-inf")
-                  and isinstance(getattr(reference.get_submodule(n), "weight", None), nn.Parameter)}
-    return choose_float_layers(reference, candidates, max_size, bits=bits)
+    return float_layers_of_theta(reference, theta, input_shape, max_size, bits=bits, output=output)
 
 
 def quantize_mixed_int8(

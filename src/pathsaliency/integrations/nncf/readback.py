@@ -279,19 +279,7 @@ def effective_theta(compressed: nn.Module, reference: nn.Module, *, example_inpu
     from pathsaliency import Theta
 
     values = _effective_parameters(compressed, reference, example_inputs)
-    own = _own_tensors(compressed)
-    state, missing = {}, []
-    for name, tensor in reference.state_dict(keep_vars=True).items():
-        value = values.get(name, own.get(name))
-        if value is None:
-            missing.append(name)
-        else:
-            state[name] = value.detach()
-    if missing:
-        raise ValueError(
-            f"{_SOURCE}: the compressed model has no tensors {missing[:5]}; is `reference` the float model "
-            "that was compressed?"
-        )
+    state = _weights.reference_state(reference, values, _own_tensors(compressed), source=_SOURCE)
     return Theta.from_state_dict(reference, state)
 
 
