@@ -144,3 +144,17 @@ def test_path_metric_refuses_convs_with_different_padding():
     b[0].padding, b[0].dilation = (2, 2), (2, 2)  # same output size, another network
     with pytest.raises(ArchitectureMismatchError, match="padding"):
         ps.path_metric(a, b, (2, 4, 4))
+
+
+def test_unused_state_dict_keys_are_ignored_alike_and_an_override_must_name_tensors():
+    """One policy (issue 15): a complete state dict may hold keys the architecture does not use, for
+    path_metric and Theta.from_state_dict alike; the report's ``effective_weights`` is an override of the
+    reference's tensors, so a key that names none of them is refused with that reason."""
+    m, other = _mlp(), _mlp(1)
+    sd = {**other.state_dict(), "unused.weight": torch.zeros(5)}
+    d = ps.path_metric(m, other, (3,))
+    assert ps.path_metric(m, sd, (3,)).log2 == d.log2
+    assert ps.path_metric(m, ps.Theta.from_state_dict(m, sd), (3,)).log2 == d.log2
+    data = [(torch.rand(4, 3), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ArchitectureMismatchError, match=r"\['unused.weight'\] name none of its tensors"):
+        ps.robustness_report(m, other, data, effective_weights=sd, input_shape=(3,))

@@ -247,13 +247,19 @@ def check_same_architecture(model, lifted: Lifted, other, output=None):
                     raise ArchitectureMismatchError(f"module '{n.target}' is {a!r} in the first model and {b!r} in "
                                                     "the second")
     mine_t, theirs_t = params.named_tensors(model), params.named_tensors(other)
+    state_dict = not isinstance(other, nn.Module)
     for step in lifted.plan.steps:
         for name in params.step_tensor_names(step):
             a, b = mine_t.get(name), theirs_t.get(name)
+            if b is None and a is not None and state_dict:
+                unused = [k for k in theirs_t if k not in mine_t]
+                raise ArchitectureMismatchError(
+                    f"the state dict has no '{name}' (needed by layer '{step.name}'); it must hold the buffers too, "
+                    "e.g. batch-norm running statistics: {**model.state_dict(), **changed}"
+                    + (f"; its keys that the architecture does not use: {unused[:5]}" if unused else ""))
             if (a is None) != (b is None):
-                hint = (" (a state dict must hold the buffers too, e.g. batch-norm running statistics: "
-                        "{**model.state_dict(), **changed})") if b is None and not isinstance(other, nn.Module) else ""
-                raise ArchitectureMismatchError(f"'{name}' exists in only one of the two parameter vectors{hint}")
+                raise ArchitectureMismatchError(f"layer '{step.name}': '{name}' exists in only one of the two "
+                                                "parameter vectors")
             if a is not None and tuple(a.shape) != tuple(b.shape):
-                raise ArchitectureMismatchError(f"'{name}' has shape {tuple(a.shape)} in the first model and "
-                                                f"{tuple(b.shape)} in the second")
+                raise ArchitectureMismatchError(f"layer '{step.name}': '{name}' has shape {tuple(a.shape)} in the "
+                                                f"first model and {tuple(b.shape)} in the second")

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .bound import CertificateViolation, check_bound, rounding_allowance
-from .errors import PathSaliencyError
+from .errors import ArchitectureMismatchError, PathSaliencyError
 from .evaluate import batches, deviation, evaluate, input_bounds, num_batches, peek, resolve_device
 from .lifting import lift
 from .metric import layer_distances, path_metric
@@ -254,7 +254,14 @@ def robustness_report(reference: nn.Module, compressed: Optional[nn.Module], dat
     if effective_weights is not None:
         if not hasattr(effective_weights, "items"):
             raise TypeError("effective_weights must be a mapping {tensor name: tensor} (a state dict)")
-        theta = Theta.from_state_dict(reference, {**named_tensors(reference), **effective_weights}, output=output)
+        known = named_tensors(reference)
+        unknown = [k for k in effective_weights if k not in known]
+        if unknown:  # an override that names no tensor changes nothing: certifying the reference would hide it
+            raise ArchitectureMismatchError(
+                f"effective_weights overrides tensors of the reference, but {unknown[:5]} name none of its tensors "
+                "(a complete state dict given to path_metric or Theta.from_state_dict may hold unused keys; an "
+                "override may not)")
+        theta = Theta.from_state_dict(reference, {**known, **effective_weights}, output=output)
     if theta is None and compressed is None:
         raise ValueError("give the compressed model, or theta")
     if activations_quantized is None:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import params
 from .errors import ArchitectureMismatchError, PathSaliencyError
-from .lifting import lift
+from .lifting import check_same_architecture, lift
 
 __all__ = ["Theta"]
 
@@ -55,30 +55,16 @@ class Theta:
     def from_state_dict(cls, reference: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
                         output=None) -> "Theta":
         """theta of ``state_dict`` (names of ``reference.state_dict()``, buffers included) in the
-        architecture of ``reference``; batch-norm folded."""
+        architecture of ``reference``; batch-norm folded. Checked by the one architecture check
+        (``lifting.check_same_architecture``, as ``path_metric`` does): keys the architecture does not use
+        are ignored, a missing tensor or a wrong shape is refused."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of tensor names to tensors, got {type(state_dict).__name__}")
-        mine = params.named_tensors(reference)
-        unknown = [k for k in state_dict if k not in mine]
-        if unknown:
-            raise ArchitectureMismatchError(f"the state dict has tensors the reference does not: {unknown[:5]}"
-                                            f"{' ...' if len(unknown) > 5 else ''}")
         bad = next((k for k, v in state_dict.items() if not torch.is_tensor(v)), None)
         if bad is not None:
             raise TypeError(f"state_dict['{bad}'] is a {type(state_dict[bad]).__name__}, not a tensor")
+        check_same_architecture(reference, lift(reference, output), state_dict, output)
         theirs = params.named_tensors(state_dict)
-        for step in lift(reference, output).plan.steps:
-            for name in params.step_tensor_names(step):
-                a, b = mine.get(name), theirs.get(name)
-                if a is None and b is None:
-                    continue
-                if b is None:
-                    raise ArchitectureMismatchError(f"the state dict has no '{name}' (needed by layer '{step.name}'); "
-                                                    "it must hold the buffers too: {**reference.state_dict(), **changed}")
-                if a is None or tuple(a.shape) != tuple(b.shape):
-                    want = "no such tensor" if a is None else f"shape {tuple(a.shape)}"
-                    raise ArchitectureMismatchError(f"layer '{step.name}': '{name}' has shape {tuple(b.shape)} in the "
-                                                    f"state dict, the reference has {want}")
         return cls._folded_from(reference, theirs, output)
 
     @classmethod
