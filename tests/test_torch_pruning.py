@@ -11,7 +11,10 @@ The identities checked here:
   (torch-pruning's magnitude importance does change its picks);
 * MetaPruner with this importance prunes torchvision ResNet-18/50, VGG-16-BN, DenseNet-121 and a U-Net
   (local, global, isomorphic, iterative, round_to) into models that still run;
-* global pruning ranks raw scores of all groups together (no normaliser), ignored layers are kept.
+* with the raw scores (``normalizer=None``) global pruning ranks all groups by one threshold; with the
+  default sequential scores it removes the requested ratio (ResNet-18/50, DenseNet; one-shot and
+  iterative) and local pruning picks what the raw scores pick; ignored layers are kept;
+* no normaliser makes ``GroupNormPruner``'s regularisation NaN.
 """
 from __future__ import annotations
 
@@ -275,7 +278,7 @@ def test_score_times_path_norm_equals_path_norm_lost_by_physical_pruning(name):
     builder, shape, n_random = EXACT_MODELS[name]
     model = _randomized(_seeded(builder))
     DG = _graph(model, shape)
-    imp = PathMetricImportance(dtype=F64)  # input shape read from the graph
+    imp = PathMetricImportance(dtype=F64, normalizer=None)  # input shape read from the graph
     n0 = float(path_norm(model, shape, dtype=F64))
     rng = random.Random(0)
     checked = 0
@@ -298,7 +301,7 @@ def test_score_is_the_relative_path_metric_to_the_copy_with_the_channel_zeroed(n
     builder, shape, _ = EXACT_MODELS[name]
     model = _randomized(_seeded(builder, seed=1), seed=1)
     DG = _graph(model, shape)
-    imp = PathMetricImportance(input_shape=shape, dtype=F64)
+    imp = PathMetricImportance(input_shape=shape, dtype=F64, normalizer=None)
     rng = random.Random(1)
     for group in DG.get_all_groups():
         if channel_groups(group) > 1:
@@ -315,7 +318,8 @@ def test_first_order_scores_equal_exact_on_antichains_and_overcount_on_residual_
     model = _randomized(_seeded(EXACT_MODELS["resnext"][0]))
     shape = (3, 8, 8)
     DG = _graph(model, shape)
-    exact, first = PathMetricImportance(dtype=F64), PathMetricImportance(dtype=F64, exact=False)
+    exact = PathMetricImportance(dtype=F64, normalizer=None)
+    first = PathMetricImportance(dtype=F64, exact=False, normalizer=None)
     overcounted = 0
     for group in DG.get_all_groups():
         a, b = exact(group), first(group)
@@ -346,7 +350,7 @@ def test_importance_reads_the_model_without_modifying_it(assert_untouched):
 def test_iterative_pruning_rescores_the_reshaped_model_exactly():
     shape = (3, 8, 8)
     model = _randomized(_seeded(TinyResNeXt))
-    imp = PathMetricImportance(dtype=F64)
+    imp = PathMetricImportance(dtype=F64, normalizer=None)
     pruner = tp.pruner.MetaPruner(model, torch.randn(1, *shape, dtype=F64), importance=imp, pruning_ratio=0.5,
                                   iterative_steps=2, ignored_layers=[model.fc])
     widths = []
@@ -361,7 +365,7 @@ def test_iterative_pruning_rescores_the_reshaped_model_exactly():
         fresh_groups = {_root_name(g): g for g in fresh_DG.get_all_groups()}
         for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers):
             scores = imp(group)  # the pruner's own graph after pruning, cached importance object
-            torch.testing.assert_close(scores, PathMetricImportance(dtype=F64)(fresh_groups[_root_name(group)]),
+            torch.testing.assert_close(scores, PathMetricImportance(dtype=F64, normalizer=None)(fresh_groups[_root_name(group)]),
                                        rtol=1e-12, atol=0)
             for j, idxs in _candidates(group, scores, 0, random.Random(step)):
                 pruned = _physically_pruned(model, shape, _root_name(group), group[0].dep.handler, idxs)
@@ -374,14 +378,14 @@ def test_scores_follow_in_place_weight_changes():
     shape = (3, 8, 8)
     model = _randomized(_seeded(TinyUNet))
     DG = _graph(model, shape)
-    imp = PathMetricImportance(dtype=F64)
+    imp = PathMetricImportance(dtype=F64, normalizer=None)
     group = DG.get_pruning_group(model.enc2[0], tp.prune_conv_out_channels, list(range(16)))
     before = imp(group)
     with torch.no_grad():
         model.enc2[1].weight[3] *= 10.0  # channel 3 now carries more of the path-norm
     after = imp(group)
     fresh_model = copy.deepcopy(model)
-    fresh = PathMetricImportance(dtype=F64)(
+    fresh = PathMetricImportance(dtype=F64, normalizer=None)(
         _graph(fresh_model, shape).get_pruning_group(fresh_model.enc2[0], tp.prune_conv_out_channels,
                                                      list(range(16))))
     assert torch.equal(after, fresh)
@@ -451,7 +455,9 @@ PRUNER_CASES = {
     "vgg16_bn-local-iterative": ("vgg16_bn", 32, dict(iterative_steps=3)),
     "densenet121-global": ("densenet121", 32, dict(global_pruning=True)),
     "unet-local-iterative": ("unet", 64, dict(iterative_steps=3)),
-    "unet-global-iterative": ("unet", 64, dict(global_pruning=True, iterative_steps=3)),
+    # raw scores: with sequential ones every group gives up a few channels each step and round_to=8 rounds
+    # each cut up to 8 (a 16-channel layer goes 16 -> 8 in one step): 28 % of the conv channels are kept
+    "unet-global-iterative": ("unet", 64, dict(global_pruning=True, iterative_steps=3, normalizer=None)),
 }
 
 
@@ -474,7 +480,9 @@ def test_metapruner_prunes_to_half_the_channels_and_the_model_still_runs(case):
     with torch.no_grad():
         out_shape = model(x).shape
     convs = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    pruner = tp.pruner.MetaPruner(model, x, importance=PathMetricImportance(), pruning_ratio=0.5, round_to=8,
+    options = dict(options)
+    importance = PathMetricImportance(normalizer=options.pop("normalizer", "sequential"))
+    pruner = tp.pruner.MetaPruner(model, x, importance=importance, pruning_ratio=0.5, round_to=8,
                                   ignored_layers=ignored, **options)
     for _ in range(options.get("iterative_steps", 1)):
         pruner.step()
@@ -507,9 +515,9 @@ def test_global_pruning_ranks_raw_scores_of_all_groups_together():
     n0 = float(path_norm(model, shape))
 
     ours = copy.deepcopy(model)
-    pruner = tp.pruner.MetaPruner(ours, x, importance=PathMetricImportance(), pruning_ratio=0.5,
+    pruner = tp.pruner.MetaPruner(ours, x, importance=PathMetricImportance(normalizer=None), pruning_ratio=0.5,
                                   global_pruning=True, ignored_layers=[ours.fc])
-    imp = PathMetricImportance()
+    imp = PathMetricImportance(normalizer=None)
     scores = {}
     for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                           root_module_types=pruner.root_module_types):
@@ -604,6 +612,7 @@ def test_a_model_that_does_not_feed_its_input_to_a_layer_asks_for_input_shape():
 from pathsaliency.integrations.torch_pruning import (  # noqa: E402
     ChannelTracker,
     certify_pruned,
+    normalized_scores,
     sequential_scores,
 )
 
@@ -655,7 +664,7 @@ def test_embedding_refuses_a_pruned_model_whose_untracked_layer_changed_shape():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Global pruning reaches its ratio (sequential scores)
+# Global pruning reaches its ratio (the default sequential scores); local pruning is unchanged
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -665,22 +674,29 @@ def _root_channels(pruner):
                                                  root_module_types=pruner.root_module_types))
 
 
+@pytest.fixture(scope="module")
+def global_models():
+    """ResNet-18, ResNet-50 and DenseNet-121 (torchvision, random weights), built once: tests prune copies."""
+    return {name: _build(name)[0].eval() for name in ("resnet18", "resnet50", "densenet121")}
+
+
 GLOBAL_CASES = {  # id: (torchvision model, exact, iterative steps)
     "resnet18-exact-one-shot": ("resnet18", True, 1),
     "resnet18-first-order-iterative": ("resnet18", False, 3),
     "resnet50-first-order-one-shot": ("resnet50", False, 1),
+    "resnet50-first-order-iterative": ("resnet50", False, 2),
+    "densenet121-first-order-one-shot": ("densenet121", False, 1),
     "densenet121-first-order-iterative": ("densenet121", False, 2),
 }
 
 
 @pytest.mark.parametrize("case", list(GLOBAL_CASES))
-def test_global_pruning_with_sequential_scores_removes_the_requested_ratio(case):
+def test_global_pruning_removes_the_requested_ratio(case, global_models):
     name, exact, steps = GLOBAL_CASES[case]
-    model, ignored = _build(name)
-    model.eval()
+    model = copy.deepcopy(global_models[name])
+    ignored = [[m for m in model.modules() if isinstance(m, nn.Linear)][-1]]
     x = torch.randn(1, 3, 64, 64)
-    pruner = tp.pruner.MetaPruner(model, x, importance=PathMetricImportance((3, 64, 64), exact=exact,
-                                                                            sequential=True),
+    pruner = tp.pruner.MetaPruner(model, x, importance=PathMetricImportance((3, 64, 64), exact=exact),
                                   pruning_ratio=0.5, global_pruning=True, iterative_steps=steps,
                                   ignored_layers=ignored)
     total = pruner.initial_total_channels
@@ -693,16 +709,30 @@ def test_global_pruning_with_sequential_scores_removes_the_requested_ratio(case)
         assert bool(torch.isfinite(model(x)).all())
 
 
-def test_raw_scores_miss_the_global_ratio_because_whole_groups_fall_below_the_threshold():
+def test_raw_scores_miss_the_global_ratio_because_whole_groups_fall_below_the_threshold(global_models):
     """The defect the sequential scores fix: with raw scores the global threshold lies above every
     channel of ResNet-18's widest groups, and MetaPruner refuses those groups whole."""
-    model, ignored = _build("resnet18")
-    pruner = tp.pruner.MetaPruner(model.eval(), torch.randn(1, 3, 64, 64),
-                                  importance=PathMetricImportance((3, 64, 64), exact=False),
-                                  pruning_ratio=0.5, global_pruning=True, ignored_layers=ignored)
+    model = copy.deepcopy(global_models["resnet18"])
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 64, 64),
+                                  importance=PathMetricImportance((3, 64, 64), exact=False, normalizer=None),
+                                  pruning_ratio=0.5, global_pruning=True, ignored_layers=[model.fc])
     total = pruner.initial_total_channels
     pruner.step()
     assert (total - _root_channels(pruner)) / total < 0.3
+
+
+def test_local_pruning_picks_what_the_raw_scores_pick(rescaled_pair):
+    """Sequential scores keep the raw scores' strict order in every group, also in ResNet-18's residual
+    streams, where the single-channel scores sum to more than 1 (the formula alone would tie them at 1)."""
+    model, _ = rescaled_pair
+    shape = (3, 32, 32)
+    DG = _graph(model, shape, torch.float32)
+    raw = PathMetricImportance(normalizer=None)
+    saturated = [g for g in DG.get_all_groups(root_module_types=[nn.Conv2d]) if float(raw(g).sum()) > 1.5]
+    assert saturated  # the case that matters is present
+    kw = dict(round_to=8)
+    assert (_history(copy.deepcopy(model), shape, PathMetricImportance(), **kw)
+            == _history(copy.deepcopy(model), shape, PathMetricImportance(normalizer=None), **kw))
 
 
 def test_sequential_scores_keep_the_group_order_and_are_never_constant():
@@ -716,13 +746,74 @@ def test_sequential_scores_keep_the_group_order_and_are_never_constant():
         order = torch.sort(raw, stable=True).indices
         assert bool((s[order][1:] >= s[order][:-1]).all())  # a cheaper channel never scores higher
     assert sequential_scores(torch.zeros(3, dtype=F64)).tolist() == [0.0, 0.0, 1.0]
+    # a residual stream: the single-channel scores sum to 3, the formula saturates at 1 after a third
+    raw = torch.rand(64, generator=g, dtype=F64)
+    raw = raw / raw.sum() * 3
+    s = sequential_scores(raw)
+    order = torch.sort(raw, stable=True).indices
+    assert bool((s[order][1:] > s[order][:-1]).all())  # strictly, as the raw scores
+    assert bool(((s >= 0) & (s <= 1)).all()) and float(s.max()) == 1.0
+    for v in (torch.full((4,), 2.0, dtype=F64), torch.full((3,), 0.25, dtype=F64)):  # equal raw scores
+        s = sequential_scores(v)
+        assert float(s.max() - s.min()) > 0 and bool(((s >= 0) & (s <= 1)).all())
 
 
-def _regularised_grads(model, x, importance):
-    pruner = tp.pruner.GroupNormPruner(model, x, importance=importance, global_pruning=True, iterative_steps=2,
+# ----------------------------------------------------------------------------------------------------
+# Normalisers and torch-pruning's GroupNormPruner (which standardises by max - min without a guard)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _gamma(imp):
+    """GroupNormPruner.regularize's per-channel factor (torch-pruning 1.6, alpha = 2 ** 4)."""
+    imp = imp.sqrt()
+    if bool(torch.isnan(imp).any()):
+        return None  # GroupNormPruner skips the group
+    return 16 ** ((imp.max() - imp) / (imp.max() - imp.min()))
+
+
+NORMALIZER_NAMES = [None, "sequential", "sum", "mean", "max", "standarization", "gaussian", "lamp", "sentinel_0.5"]
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZER_NAMES)
+def test_no_normaliser_turns_a_constant_or_zero_score_vector_into_nan(normalizer):
+    vectors = [torch.zeros(4, dtype=F64), torch.full((3,), 0.25, dtype=F64), torch.tensor([0.0, 0.0, 0.3], dtype=F64),
+               torch.rand(7, generator=torch.Generator().manual_seed(0), dtype=F64)]
+    for v in vectors:
+        s = normalized_scores(v, normalizer)
+        assert s.shape == v.shape and bool(torch.isfinite(s).all()), (normalizer, v)
+        assert float(s.max() - s.min()) > 0, (normalizer, v)  # never constant: max - min is never 0
+        gamma = _gamma(s)
+        assert gamma is None or bool(torch.isfinite(gamma).all()), (normalizer, v)
+        order = torch.sort(v, stable=True).indices
+        assert bool((s[order][1:] >= s[order][:-1]).all())  # monotone: the ranking is the raw one
+    one = normalized_scores(torch.tensor([0.4], dtype=F64), normalizer)
+    assert one.shape == (1,) and bool(torch.isfinite(one).all())
+
+
+def test_normalisers_use_torch_prunings_formulas_on_ordinary_vectors():
+    v = torch.rand(9, generator=torch.Generator().manual_seed(1), dtype=F64) + 0.1
+    magnitude = tp.importance.GroupMagnitudeImportance()
+    for name in ["sum", "mean", "max", "standarization", "gaussian", "lamp", "sentinel_0.5"]:
+        torch.testing.assert_close(normalized_scores(v, name), magnitude._normalize(v.float(), name),
+                                   rtol=1e-6, atol=1e-7, check_dtype=False, msg=name)  # (their lamp: float32 only)
+    torch.testing.assert_close(normalized_scores(v, lambda s: s * 2), v * 2, rtol=0, atol=0)
+    assert torch.equal(normalized_scores(v, None), v)
+
+
+def test_bad_normalisers_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown normalizer 'median'.*sequential"):
+        PathMetricImportance(normalizer="median")
+    with pytest.raises(ValueError, match="finite score per channel"):
+        normalized_scores(torch.zeros(3, dtype=F64), lambda s: s / 0)
+    assert PathMetricImportance(sequential=False).normalizer is None
+    assert PathMetricImportance(sequential=True).normalizer == "sequential"
+
+
+def _regularised_grads(model, x, importance, steps=2):
+    pruner = tp.pruner.GroupNormPruner(model, x, importance=importance, global_pruning=True, iterative_steps=steps,
                                        pruning_ratio=0.5, ignored_layers=[model.fc])
     grads = []
-    for _ in range(2):
+    for _ in range(steps):
         model.zero_grad()
         model(x).sum().backward()
         pruner.update_regularizer()
@@ -733,26 +824,45 @@ def _regularised_grads(model, x, importance):
     return grads
 
 
-def test_group_norm_pruner_regularisation_stays_finite_with_sequential_scores():
-    """GroupNormPruner scales each group by ``alpha ** ((max - s) / (max - min))``: a constant score vector
-    (here a dense layer whose channels carry no path: every one scores 0) gives 0/0 = NaN gradients.
-    Raw scores hit it; sequential scores are never constant on two or more channels."""
+def _dead_layer_densenet():
+    """TinyDenseNet whose last dense layer carries no path: its 4 channels (12..15 of the final
+    batch-norm) all score 0, a constant vector for the raw scores."""
+    m = _randomized(_seeded(TinyDenseNet), dtype=torch.float32)
+    with torch.no_grad():
+        m.block2[1].conv.weight.zero_()
+        m.norm.bias[12:].zero_()  # no shift there either, so no path starts at them
+        m.norm.running_mean[12:].zero_()
+    return m
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZER_NAMES)
+def test_group_norm_pruner_regularisation_stays_finite(normalizer):
+    """GroupNormPruner.regularize computes ``alpha ** ((max - s) / (max - min))`` of ``s = imp.sqrt()``
+    (skipping only a group whose scores hold a NaN): a constant score vector gives 0/0 = NaN gradients.
+    The dead layer's raw scores are constant (all 0): its regularisation stays finite with every
+    normaliser; and three regularise/prune iterations of the DenseNet-style model stay finite."""
     x = torch.randn(2, 3, 8, 8)
+    imp = PathMetricImportance((3, 8, 8), normalizer=normalizer)
+    first = _regularised_grads(_dead_layer_densenet(), x, imp, 1)[0]
+    assert all(bool(torch.isfinite(g).all()) for g in first), normalizer
+    model = _randomized(_seeded(TinyDenseNet), dtype=torch.float32)
+    for step, grads in enumerate(_regularised_grads(model, x, imp, 3)):
+        assert all(bool(torch.isfinite(g).all()) for g in grads), (normalizer, step)
 
-    def model():
-        m = _randomized(_seeded(TinyDenseNet), dtype=torch.float32)
-        with torch.no_grad():
-            m.block2[1].conv.weight.zero_()  # its 4 channels are 12..15 of the final batch-norm:
-            m.norm.bias[12:].zero_()  # no shift there either, so no path starts at them
-            m.norm.running_mean[12:].zero_()
-        return m
 
-    raw = _regularised_grads(model(), x, PathMetricImportance((3, 8, 8)))
-    assert not all(bool(torch.isfinite(g).all()) for g in raw[0])  # the trap is real
-    # (after the step the dead group keeps one channel: a one-entry vector is constant for any importance,
-    # and GroupNormPruner divides by zero there whatever the scores: only the first step is ours to keep finite)
-    first = _regularised_grads(model(), x, PathMetricImportance((3, 8, 8), sequential=True))[0]
-    assert all(bool(torch.isfinite(g).all()) for g in first)
+def test_one_channel_layers_make_group_norm_pruner_nan_with_torch_prunings_own_importance():
+    """The one case no importance can help: a one-entry score vector has max - min = 0. Ours returns a
+    finite score there, as GroupMagnitudeImportance does, and the pruner's formula gives NaN for both
+    (a layer left with one channel: with the sequential scores, global pruning leaves one of a layer
+    whose other channels carry no path, as the dead layer above)."""
+    model = _seeded(lambda: nn.Sequential(nn.Conv2d(3, 1, 3), nn.ReLU(), nn.Conv2d(1, 4, 3), nn.ReLU(),
+                                          nn.Flatten(), nn.Linear(4 * 4 * 4, 2)))
+    DG = _graph(model, (3, 8, 8), torch.float32)
+    group = DG.get_pruning_group(model[0], tp.prune_conv_out_channels, [0])
+    ours = PathMetricImportance((3, 8, 8))(group)
+    theirs = tp.importance.GroupMagnitudeImportance()(group)
+    assert ours.shape == theirs.shape == (1,) and bool(torch.isfinite(ours).all())
+    assert bool(torch.isnan(_gamma(ours)).all()) and bool(torch.isnan(_gamma(theirs)).all())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -779,7 +889,7 @@ def test_unflatten_groups_score_what_physical_pruning_removes():
     shape = (8,)
     DG = _graph(model, shape)
     n0 = float(path_norm(model, shape, dtype=F64))
-    imp = PathMetricImportance(input_shape=shape, dtype=F64)
+    imp = PathMetricImportance(input_shape=shape, dtype=F64, normalizer=None)
     rng = random.Random(0)
     for group in DG.get_all_groups():
         scores = imp(group)

@@ -25,9 +25,9 @@ except ImportError as e:  # pragma: no cover - exercised only without torch-prun
 from .certificate import certify_pruned
 from .frozen import FrozenFollowingPruner
 from .groups import channel_groups, group_removals
-from .importance import PathMetricImportance, sequential_scores
+from .importance import PathMetricImportance, normalized_scores, sequential_scores
 from .input_shape import input_shape_from_graph
 from .tracker import ChannelTracker
 
-__all__ = ["PathMetricImportance", "sequential_scores", "group_removals", "channel_groups", "input_shape_from_graph",
-           "FrozenFollowingPruner", "ChannelTracker", "certify_pruned"]
+__all__ = ["PathMetricImportance", "sequential_scores", "normalized_scores", "group_removals", "channel_groups",
+           "input_shape_from_graph", "FrozenFollowingPruner", "ChannelTracker", "certify_pruned"]

@@ -1,5 +1,6 @@
 """``PathMetricImportance``: torch-pruning's ``Importance.__call__(group) -> 1-D scores``, delegating to the
-core's :func:`pathsaliency.channel_saliency`."""
+core's :func:`pathsaliency.channel_saliency`; :func:`normalized_scores` turns a group's single-channel
+scores into the scores a pruner ranks."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,10 @@ from ._compat import graph_of
 from .groups import channel_groups, group_removals, root_indices
 from .input_shape import input_shape_from_graph
 
-__all__ = ["PathMetricImportance", "sequential_scores"]
+__all__ = ["PathMetricImportance", "sequential_scores", "normalized_scores", "NORMALIZERS"]
+
+_GAP = 2.0 ** -40  # relative gap that breaks a tie: far above float64 rounding, also after sqrt
+NORMALIZERS = (None, "sequential", "sum", "mean", "max", "standarization", "gaussian", "lamp", "sentinel_<q>")
 
 
 def sequential_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -23,14 +27,21 @@ def sequential_scores(scores: torch.Tensor) -> torch.Tensor:
     With the group's single-channel scores ``s`` sorted ascending and ``L_r = min(1, s_0 + ... + s_r)``
     (the relative path-metric lost once the ``r + 1`` cheapest channels are gone: exact when their
     neurons share no path, an upper bound otherwise), channel ``r`` scores
-    ``(L_r - L_{r-1}) / (1 - L_{r-1})``: the fraction of the path-norm *still there* that it removes
-    (running maximum, so the order within the group is kept). The group's most important channel scores
-    1 (torch-pruning never empties a layer). Raw single-channel scores favour wide layers (each of 512
-    channels carries about 1/512 of the norm), so a global threshold falls above every channel of the
-    widest groups; ``MetaPruner`` then refuses those groups whole (``check_pruning_group``) and misses
-    its ratio (ResNet-18: 14 % removed for 50 % asked). These scores are in ``[0, 1]``, never constant
-    on two or more channels, and make every group give up channels until what it removes of what is
-    left reaches one threshold.
+    ``(L_r - L_{r-1}) / (1 - L_{r-1})``: the fraction of the path-norm *still there* that it removes.
+    The group's most important channel scores 1 (torch-pruning never empties a layer). Raw
+    single-channel scores favour wide layers (each of 512 channels carries about 1/512 of the norm), so a
+    global threshold falls above every channel of the widest groups; ``MetaPruner`` then refuses those
+    groups whole (``check_pruning_group``) and misses its ratio (ResNet-18: 14 % removed for 50 % asked).
+    These scores make every group give up channels until what it removes of what is left reaches one
+    threshold.
+
+    Order. The scores increase strictly along the raw order (channels of equal raw score in index
+    order; zeros stay 0), so a local ranking (one group) picks the channels the raw scores pick: where the
+    formula ties (a residual stream's single-channel scores sum to more than 1, and every channel past
+    the point where ``L`` reaches 1 would score 1), each channel scores ``1 - 2**-40`` times the one
+    above it (a gap that survives ``sqrt``). So the scores lie in ``[0, 1]`` and are never constant on two
+    or more channels: a pruner that standardises ``sqrt(scores)`` by ``max - min`` (``GroupNormPruner``)
+    never divides 0 by 0.
     """
     n = len(scores)
     if n == 0:
@@ -44,9 +55,92 @@ def sequential_scores(scores: torch.Tensor) -> torch.Tensor:
                        torch.ones_like(left))
     step = step.clamp(0.0, 1.0)
     step[-1] = 1.0
-    out = torch.empty_like(step)
-    out[order] = torch.cummax(step, 0).values
+    step = torch.cummax(step, 0).values.tolist()
+    for r in range(n - 2, -1, -1):  # every non-zero score at least a relative _GAP below the next one
+        step[r] = min(step[r], step[r + 1] * (1.0 - _GAP))
+    out = torch.empty(n, dtype=torch.float64)
+    out[order] = torch.tensor(step, dtype=torch.float64)
     return out
+    out[order] = torch.tensor(step, dtype=torch.float64)
+    return out
+
+
+def _ratio(a: torch.Tensor, b) -> torch.Tensor:
+    """``a / b`` with ``0 / 0 = 0`` (an all-zero group stays all zero instead of NaN)."""
+    b = torch.as_tensor(b, dtype=a.dtype)
+    return torch.where(b != 0, a / torch.where(b != 0, b, torch.ones_like(b)), torch.zeros_like(a))
+
+
+def _lamp(s: torch.Tensor) -> torch.Tensor:
+    """LAMP: each score over the sum of itself and every larger score of the group."""
+    order = torch.sort(s, stable=True).indices
+    v = s[order]
+    tail = torch.flip(torch.cumsum(torch.flip(v, [0]), 0), [0])
+    out = torch.empty_like(s)
+    out[order] = _ratio(v, tail)
+    return out
+
+
+def _never_constant(s: torch.Tensor) -> torch.Tensor:
+    """A vector of two or more equal scores ``c`` with its last entry raised by ``|c| * 2**-40`` (to
+    ``2**-1000`` from 0): ``GroupNormPruner`` standardises ``sqrt(scores)`` by ``max - min`` without a
+    guard, and gets a finite vector instead of 0 / 0; the ranking is a tie broken by index (as
+    ``torch.topk`` may break it anyway)."""
+    if len(s) < 2 or bool(s.max() > s.min()):
+        return s
+    s = s.clone()
+    c = float(s[-1])
+    s[-1] = c + abs(c) * _GAP if c != 0 else 2.0 ** -1000
+    return s
+
+
+def normalized_scores(scores: torch.Tensor, normalizer="sequential") -> torch.Tensor:
+    """The group's single-channel scores ``scores`` as a pruner ranks them (float64).
+
+    ``normalizer``: ``"sequential"`` (:func:`sequential_scores`, the default of
+    :class:`PathMetricImportance`); ``None`` (the scores themselves); torch-pruning's
+    ``GroupMagnitudeImportance`` normalisers with its formulas: ``"sum"``, ``"mean"``, ``"max"``
+    (divide by it), ``"standarization"`` (``(s - min) / (max - min + 1e-8)``), ``"gaussian"``
+    (``(s - mean) / (std + 1e-8)``, negative below the mean), ``"lamp"``, ``"sentinel_<q>"`` (divide by the
+    ``q``-quantile score); or a callable ``f(scores) -> scores``. Each is rescaling invariant (a function
+    of invariant scores). Unlike torch-pruning's, a zero denominator gives 0 instead of NaN, and a result
+    constant on two or more channels has its last entry raised a little (:func:`_never_constant`):
+    ``GroupNormPruner`` standardises by ``max - min`` without a guard.
+    """
+    s = scores.to(torch.float64)
+    if normalizer == "sequential":
+        return sequential_scores(s)
+    if normalizer is None:
+        out = s
+    elif callable(normalizer):
+        out = torch.as_tensor(normalizer(s.clone()), dtype=torch.float64)
+        if out.shape != s.shape or not bool(torch.isfinite(out).all()):
+            raise ValueError(f"the normalizer {normalizer!r} must return one finite score per channel "
+                             f"({len(s)}), got {tuple(out.shape)}"
+                             f"{'' if out.shape != s.shape else ' with NaN or inf'}")
+    elif len(s) == 0:
+        out = s
+    elif normalizer == "sum":
+        out = _ratio(s, s.sum())
+    elif normalizer == "mean":
+        out = _ratio(s, s.mean())
+    elif normalizer == "max":
+        out = _ratio(s, s.max())
+    elif normalizer == "standarization":
+        out = (s - s.min()) / (s.max() - s.min() + 1e-8)
+    elif normalizer == "gaussian":
+        std = s.std() if len(s) > 1 else torch.zeros((), dtype=s.dtype)
+        out = (s - s.mean()) / (std + 1e-8)
+    elif normalizer == "lamp":
+        out = _lamp(s)
+    elif isinstance(normalizer, str) and normalizer.startswith("sentinel_"):
+        q = float(normalizer.split("_", 1)[1])
+        if not 0 <= q < 1:
+            raise ValueError(f"normalizer {normalizer!r}: the quantile after 'sentinel_' must be in [0, 1)")
+        out = s / (torch.sort(s).values[int(q * len(s))] + 1e-8)
+    else:
+        raise ValueError(f"unknown normalizer {normalizer!r}; choose from {NORMALIZERS} or pass a callable")
+    return _never_constant(out)
 
 
 def _show_progress(progress) -> bool:
@@ -88,9 +182,16 @@ class PathMetricImportance(tp.importance.Importance):
             ``S_c`` twice and over-counts the paths that do (residual streams).
         dtype: torch.float32 (default) or torch.float64 for the path-norm passes.
         output: which output of a model returning a tuple/dict (an index, a key or a callable).
-        sequential: False (default): the single-channel scores above. True: :func:`sequential_scores`
-            of them, for ``global_pruning=True`` (same order within each group; ``MetaPruner`` then
-            reaches its ratio, which it does not with the raw scores).
+        normalizer: how the group's single-channel scores are returned (:func:`normalized_scores`).
+            ``"sequential"`` (default): :func:`sequential_scores`, the fraction of what is left of the
+            path-norm that each channel removes once the group's cheaper channels are gone; same strict
+            order as the single-channel scores (local pruning picks the same channels), and with
+            ``global_pruning=True`` ``MetaPruner`` reaches its ratio (with the raw scores the global
+            threshold lies above whole wide groups, which it then refuses: ResNet-18 14 % for 50 %).
+            ``None``: the single-channel scores above. Also torch-pruning's ``"sum"``, ``"mean"``,
+            ``"max"``, ``"standarization"``, ``"gaussian"``, ``"lamp"``, ``"sentinel_<q>"`` or a callable,
+            as in ``GroupMagnitudeImportance`` but never NaN.
+        sequential: the older spelling: True is ``normalizer="sequential"``, False ``normalizer=None``.
         progress: a tqdm bar over the candidates of long exact groups; None (default): on when tqdm is
             installed and stderr is a terminal.
         shard: ``"auto"`` (default): under an initialised ``torch.distributed`` group (``torchrun``) the
@@ -98,17 +199,22 @@ class PathMetricImportance(tp.importance.Importance):
             them all; :mod:`pathsaliency.distributed`), so every rank must run the same pruner steps.
             ``None`` when only some ranks prune.
 
-    The forward/backward work is cached per model state. Returns a float64 CPU vector with one finite,
-    non-negative score per root index, or None for a group without a conv / linear / batch-norm layer.
+    The forward/backward work is cached per model state. Returns a float64 CPU vector with one finite
+    score per root index (non-negative except with ``normalizer="gaussian"``), never constant on two or
+    more indices, or None for a group without a conv / linear / batch-norm layer.
     """
 
-    def __init__(self, input_shape=None, exact=True, dtype=torch.float32, output=None, sequential=False,
-                 progress=None, shard="auto"):
+    def __init__(self, input_shape=None, exact=True, dtype=torch.float32, output=None, normalizer="sequential",
+                 progress=None, shard="auto", sequential=None):
         self.input_shape = input_shape
         self.exact = exact
         self.dtype = dtype
         self.output = output
-        self.sequential = sequential
+        if sequential is not None:
+            normalizer = "sequential" if sequential else None
+        if not (normalizer is None or callable(normalizer)):
+            normalized_scores(torch.ones(2), normalizer)  # an unknown name fails here, not inside the pruner
+        self.normalizer = normalizer
         self.progress = progress
         self.shard = shard
         self._derived = weakref.WeakKeyDictionary()  # dependency graph -> input shape read from it
@@ -167,8 +273,7 @@ class PathMetricImportance(tp.importance.Importance):
             return None
         where = removals[0].module
         scores = self._saliency(DG.model, self._shape(DG), removals, size, where)
-        if self.sequential:
-            scores = sequential_scores(scores)
+        scores = normalized_scores(scores, self.normalizer)
         if cand_of_pos is not None:
             scores = scores[cand_of_pos]
         return scores
