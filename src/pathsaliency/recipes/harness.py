@@ -4,10 +4,12 @@ between the certificate and accuracy (the bound check itself is the core's :mod:
 * :func:`parser` / :func:`parse` -- one ``--option`` per dataclass field (help text and default from the
   field), so a recipe is ``run(parse(Config, argv))`` and tests build ``Config(...)`` directly.
 * :func:`spearman` -- Spearman's rank correlation (average ranks for ties).
+* :func:`figure` -- a matplotlib figure written to a file when its ``with`` block ends.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import typing
 
@@ -71,3 +73,21 @@ def _ranks(v):
         tied = v == value
         ranks[tied] = ranks[tied].mean()
     return ranks
+
+
+@contextlib.contextmanager
+def figure(path, nrows: int = 1, ncols: int = 1, *, size=(8, 5.5), dpi: int = 120):
+    """``(fig, axes)``: a matplotlib figure (Agg backend) with an ``nrows x ncols`` array of axes, written to
+    ``path`` (tight layout, ``dpi``) when the ``with`` block ends, and closed in any case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
