@@ -19,14 +19,16 @@ import torch
 def parser(config_cls, prog: str, description: str, choices: dict | None = None) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with one ``--field-name`` per field of the dataclass ``config_cls``: tuples
     become ``nargs="+"``, a bool ``x`` defaulting to True becomes ``--no-x``, help text comes from the
-    field's ``metadata["help"]``; ``choices`` maps field names to their allowed values."""
+    field's ``metadata["help"]``, a field without a default is a required option; ``choices`` maps field
+    names to their allowed values."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} ({'required' if required else f'default: {default}'})".strip()
         kind = hints[f.name]
         if kind is bool:
             if default:
@@ -39,6 +41,7 @@ def parser(config_cls, prog: str, description: str, choices: dict | None = None)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), kind) if optional else kind
         extra = {"choices": choices[f.name]} if choices and f.name in choices else {}
+        extra["required"] = required
         if typing.get_origin(base) is tuple:
             p.add_argument(flag, dest=f.name, nargs="+", type=typing.get_args(base)[0], default=default,
                            help=help_text, **extra)
