@@ -32,8 +32,8 @@ def float_layers_config(float_layers: Sequence[str], **config_kwargs: Any) -> St
 def keep_float_by_certificate(reference: nn.Module, compressed: nn.Module, input_shape: Any, max_size: float,
                               **options: Any) -> List[str]:
     """``integrations._precision.keep_float_by_certificate`` with INC's read-back ``effective_theta``:
-    ``compressed`` is ``reference`` with every layer quantized by INC (e.g. ``quantize_static_int8``); ``options``:
-    ``bits=8``, ``example_inputs``, ``output``."""
+    ``compressed`` is ``reference`` with every layer quantized by INC (e.g. ``quantize_static_int8``);
+    ``options``: ``bits=8``, ``example_inputs``, ``output``."""
     return _precision.keep_float_by_certificate(effective_theta, reference, compressed, input_shape, max_size,
                                                 **options)
 

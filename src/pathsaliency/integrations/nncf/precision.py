@@ -30,8 +30,8 @@ def ignored_scope(layers: Sequence[str]) -> "nncf.IgnoredScope":
 def keep_float_by_certificate(reference: nn.Module, compressed: nn.Module, input_shape: Any, max_size: float,
                               **options: Any) -> List[str]:
     """``integrations._precision.keep_float_by_certificate`` with NNCF's read-back ``effective_theta``:
-    ``compressed`` is ``reference`` with every layer quantized by NNCF (``quantize_int8`` or ``compress_weights``); ``options``:
-    ``bits=8``, ``example_inputs``, ``output``."""
+    ``compressed`` is ``reference`` with every layer quantized by NNCF (``quantize_int8`` or
+    ``compress_weights``); ``options``: ``bits=8``, ``example_inputs``, ``output``."""
     return _precision.keep_float_by_certificate(effective_theta, reference, compressed, input_shape, max_size,
                                                 **options)
 
