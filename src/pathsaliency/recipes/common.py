@@ -1,5 +1,5 @@
-"""What every recipe shares: decoded data held as tensors, batched inference, seeds, and tables
-written as CSV, Markdown and JSON."""
+"""What every recipe shares: decoded data held as tensors, batched inference, top-1, seeds, batch-norm
+re-estimation, and tables written as CSV, Markdown and JSON (:func:`write_table`)."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +9,8 @@ import random
 from pathlib import Path
 
 import torch
+
+from pathsaliency.evaluate import deviation  # noqa: F401 (the recipes' per-sample ||R_theta(x) - R_theta'(x)||_1)
 
 
 def seed_everything(seed: int):
@@ -39,11 +41,6 @@ def predict(model, X, batch_size=500, device="cpu"):
 
 def top1(logits, Y) -> float:
     return 100.0 * (logits.argmax(1) == Y).float().mean().item()
-
-
-def deviation(ref_logits, logits):
-    """Per-sample ``||R_theta(x) - R_theta'(x)||_1``."""
-    return (ref_logits.double() - logits.double()).abs().sum(1)
 
 
 def write_table(rows: list, out: Path, stem: str, title: str, columns=None, formats=None) -> dict:
