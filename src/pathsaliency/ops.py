@@ -26,7 +26,8 @@ The actions:
 
 :func:`action_for` looks a graph node up in the registry (``MODULES`` by module type, along its MRO;
 ``FUNCTIONS`` by the callable; ``METHODS`` by tensor-method name), whose entries build the node's action
-from its arguments or return a :class:`Refusal` with the reason. A miss is a refusal too: dispatch is on
+from its arguments or return a :class:`Refusal` with the reason (``REFUSED``: the operators refused by
+design, one row per reason with every spelling). A miss is a refusal too: dispatch is on
 the actual callable or module type, never on names. Parameterised operators (convolutions, linear
 layers, frozen batch-norm) are not here: their weights change from pass to pass, so
 :mod:`pathsaliency.steps` makes them affine steps.

@@ -1,4 +1,4 @@
-"""The main job: ``pathsaliency demo``.
+"""``pathsaliency demo``: the unstructured recipe on the packaged data, and one robustness report.
 
 Runs with no network and no data beyond the package: the pretrained CIFAR-10 ResNet-20 and 1,000 real
 CIFAR-10 test images ship inside it. It prunes the network at 10-80 % global sparsity by path-magnitude,
@@ -20,6 +20,7 @@ CRITERIA = ("path-magnitude", "balanced-fan", "magnitude", "magnitude (rescaled)
 
 
 def run_demo(out="out/demo", limit=None, progress=True, log=print):
+    """Run the demo (see the module docstring) into ``out``; returns the unstructured recipe's rows."""
     start = time.perf_counter()
     out = Path(out)
     config = unstructured.Config(models=("resnet20",), data="sample", limit=limit, criteria=CRITERIA,

@@ -1,5 +1,5 @@
-"""What every pruning recipe runs through: a config dataclass turned into a command line, and rank agreement
-between the certificate and accuracy (the bound check itself is the core's :mod:`pathsaliency.bound`).
+"""What every recipe runs through: a config dataclass turned into a command line, rank agreement between
+the certificate and accuracy, plots (the bound check itself is the core's :mod:`pathsaliency.bound`).
 
 * :func:`parser` / :func:`parse` -- one ``--option`` per dataclass field (help text and default from the
   field), so a recipe is ``run(parse(Config, argv))`` and tests build ``Config(...)`` directly.
