@@ -55,7 +55,7 @@ import torch
 from pathsaliency.models.cifar_resnet import load_cifar_resnet
 
 from .cifar10 import cifar10, in_ci
-from .common import as_tensors, seed_everything, write_table
+from .common import as_tensors, seed_everything, write_report, write_table
 from .harness import figure, parse
 from .unstructured import INPUT_SHAPE, load_data
 
@@ -250,11 +250,7 @@ def run(config: Config = Config(), log=print):
                                                per_layer=c.per_layer,
                                                activations_quantized=method in ACTIVATIONS_QUANTIZED,
                                                name=f"{tag}, {method}")
-                    rdir = out / f"{tag}-{method}"
-                    rdir.mkdir(parents=True, exist_ok=True)
-                    (rdir / "report.json").write_text(report.to_json())
-                    (rdir / "report.md").write_text(report.to_markdown(), encoding="utf-8")
-                    report.plot(rdir / "report.png")
+                    write_report(report, out / f"{tag}-{method}")
                     row = {"model": name, "sparsity": float(sp), "method": method, "quantized": METHODS[method],
                            "quantized_weights": quantized_weight_fraction(ref, theta),
                            "float_layers": " ".join(kept), **_report_columns(report),
