@@ -108,7 +108,7 @@ def load_model(name: str, pretrained: bool = False, num_classes: int = 1000):
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes).eval()
 
 
-def evaluation_data(dataset, batch_size=64, workers=4, max_memory_gb=2.0, progress=False):
+def evaluation_data(dataset, *, batch_size=64, workers=4, max_memory_gb=2.0, progress=False):
     """What :func:`unstructured.compare` evaluates on: the decoded ``(X, Y)`` tensors if they take at most
     ``max_memory_gb``, else a DataLoader (the images are then decoded again for every network)."""
     x0, _ = dataset[0]
@@ -123,7 +123,7 @@ def run(config: Config, log=print):
     c = config
     seed_everything(c.seed)
     out = Path(c.out)
-    val = image_folder(c.data, "val", c.image_size, limit=c.limit)
+    val = image_folder(c.data, "val", image_size=c.image_size, limit=c.limit)
     classes = len(val.classes)
     if c.pretrained and classes != 1000:
         log(f"pathsaliency: {c.data}/val has {classes} class folders, not ImageNet's 1,000: the labels do not "
@@ -132,14 +132,15 @@ def run(config: Config, log=print):
     input_shape = (3, c.image_size, c.image_size)
     after = None
     if c.finetune_after_epochs:
-        train = image_folder(c.data, "train", c.image_size, train=True, limit=c.train_limit)
+        train = image_folder(c.data, "train", image_size=c.image_size, train=True, limit=c.train_limit)
 
         def after(pruned, masks):
             tuned = finetune(pruned, train, c.finetune_after_epochs, lr=c.lr, batch_size=c.batch_size, masks=masks,
                              device=c.device, workers=c.workers, seed=c.seed, progress=c.progress)
             return tuned.to("cpu")
 
-    X = evaluation_data(val, c.batch_size, c.workers, c.max_memory_gb, c.progress)
+    X = evaluation_data(val, batch_size=c.batch_size, workers=c.workers, max_memory_gb=c.max_memory_gb,
+                        progress=c.progress)
     rows = unstructured.compare(c.model, net, X, input_shape, sparsities=c.sparsities, criteria=c.criteria,
                                 factors=c.factors, seed=c.seed, finetune_after=after, device=c.device,
                                 progress=c.progress, log=log)
