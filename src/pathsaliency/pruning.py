@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from . import params, steps
-from .criteria import INVARIANT_CRITERIA, invariant_scores
+from .criteria import DATA_CRITERIA, INVARIANT_CRITERIA, invariant_scores
 from .saliency import path_magnitude
 
 CRITERIA = ("path-magnitude", "magnitude") + INVARIANT_CRITERIA
@@ -30,15 +30,20 @@ def prunable_weights(model: nn.Module, exclude: Callable[[str, torch.Tensor], bo
     return names
 
 
-def unstructured_scores(model, input_shape=None, criterion="path-magnitude", names=None, **kw) -> dict:
+def unstructured_scores(model, input_shape=None, criterion="path-magnitude", names=None, *, calibration=None,
+                        **kw) -> dict:
     """``{weight name: score}`` for ``criterion``: ``|w|`` for magnitude, the relative path-metric lost for
-    path-magnitude, or one of :data:`pathsaliency.criteria.INVARIANT_CRITERIA` (those need ``input_shape``)."""
+    path-magnitude, or one of :data:`pathsaliency.criteria.INVARIANT_CRITERIA` (those need ``input_shape``;
+    the data-aware :data:`pathsaliency.criteria.DATA_CRITERIA` need ``calibration`` inputs instead, which the
+    data-free criteria ignore)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     names = prunable_weights(model) if names is None else names
     weights = dict(model.named_parameters())
     if criterion == "magnitude":
         return {n: weights[n].detach().abs() for n in names}
+    if criterion in DATA_CRITERIA:
+        return invariant_scores(model, input_shape, criterion, names, calibration=calibration, **kw)
     if input_shape is None:
         raise ValueError(f"{criterion} needs input_shape, the shape of one input sample, e.g. (3, 224, 224)")
     if criterion in INVARIANT_CRITERIA:
@@ -93,7 +98,7 @@ def apply_masks(model: nn.Module, masks: dict, use_torch_prune: bool = False) ->
 
 
 def prune_unstructured(model: nn.Module, amount: float, input_shape=None, *, criterion="path-magnitude",
-                       scope="global", use_torch_prune=False, exclude=None, **kw):
+                       scope="global", use_torch_prune=False, exclude=None, calibration=None, **kw):
     """Prune the ``amount`` fraction of conv/linear weights with the lowest ``criterion`` scores.
 
     Returns ``(pruned_copy, masks)``: the copy has those weights set to zero (or, with
@@ -101,8 +106,10 @@ def prune_unstructured(model: nn.Module, amount: float, input_shape=None, *, cri
     boolean keep-masks. ``model`` is not modified. Path-magnitude scores are in one unit across layers
     (the path-metric lost) and unchanged by neuron rescaling, so global scope needs no per-layer
     normalisation; ``**kw`` goes to :func:`pathsaliency.path_magnitude` (``output``, ``dtype``).
+    ``calibration`` (inputs: a tensor or an iterable of batches) feeds the data-aware criteria
+    (``wanda-lamp``, ``wanda``; :mod:`pathsaliency.criteria`).
     """
     names = prunable_weights(model, exclude)
-    scores = unstructured_scores(model, input_shape, criterion, names, **kw)
+    scores = unstructured_scores(model, input_shape, criterion, names, calibration=calibration, **kw)
     masks = masks_from_scores(scores, amount, scope)
     return apply_masks(model, masks, use_torch_prune), masks
