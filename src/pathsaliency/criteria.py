@@ -86,10 +86,7 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
         scores = wanda_scores(model, names, calibration, output=output)
         return {n: lamp(s) for n, s in scores.items()} if criterion == "wanda-lamp" else scores
     pm = path_magnitude(model, input_shape, output=output, dtype=dtype)
-    missing = [n for n in names if n not in pm]
-    if missing:
-        raise ValueError(f"weights {missing} do not reach the output: {criterion} cannot score them")
-    pm = {n: pm[n] for n in names}
+    pm = restrict(pm, names, criterion)
     if criterion == "path-lamp":
         return {n: lamp(s) for n, s in pm.items()}
     scores = balanced_scores(model, input_shape, pm, output=output, dtype=dtype)
@@ -99,6 +96,16 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
     if criterion == "balanced-lamp":
         return {n: lamp(s) for n, s in scores.items()}
     return scores
+
+
+def restrict(scores: dict, names, criterion: str) -> dict:
+    """``scores`` of the weights ``names``; an error pointing to ``exclude=`` for those it lacks (weights
+    that do not reach the output carry no path)."""
+    missing = [n for n in names if n not in scores]
+    if missing:
+        raise ValueError(f"weights {missing} do not reach the output: {criterion} cannot score them; leave them "
+                         f"out of pruning with exclude=lambda name, weight: name in {set(missing)!r}")
+    return {n: scores[n] for n in names}
 
 
 def wanda_scores(model: nn.Module, names, calibration, *, output=None) -> dict:
