@@ -237,7 +237,8 @@ def run(config: Config = Config(), log=print):
             dense = load_cifar_resnet(name)
             for sp in c.prune_sparsity:
                 seed_everything(c.seed)
-                ref = dense if sp == 0 else prune_unstructured(dense, sp, INPUT_SHAPE)[0].eval()
+                ref = (dense if sp == 0
+                       else prune_unstructured(dense, sp, INPUT_SHAPE, criterion="path-magnitude")[0].eval())
                 for method in c.methods:
                     t0 = time.perf_counter()
                     tag = _tag(name, sp)
