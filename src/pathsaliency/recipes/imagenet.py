@@ -2,13 +2,14 @@
 users who have ImageNet (and internet for torchvision's weights).
 
 The same comparison as the CIFAR-10 recipe, through its :func:`~pathsaliency.recipes.unstructured.compare`:
-``path-magnitude`` and ``magnitude`` on the network, ``magnitude (rescaled)`` and ``path-magnitude
-(rescaled)`` on a function-preserving random rescaling of it, at each global sparsity, with top-1, the
+each criterion of ``--criteria`` (default: the CIFAR-10 recipe's ``DEFAULT_CRITERIA``) on the network or,
+``<criterion> (rescaled)``, on a function-preserving random rescaling of it, at each global sparsity, with top-1, the
 certified path-metric ``D`` (exact: pruning is a dominated pair), the certified bound
 ``max(1, ||x||_inf) * D`` and the observed deviation, checked on every image (a violation stops the run).
 
 Data: an ImageFolder root (``--data DIR``) holding ``val/<class>/<image>`` (and ``train/<class>/<image>``
-for ``--finetune-after-epochs``), evaluated at ``--image-size`` (resize to 256/224 of it, centre crop,
+for ``--finetune-after-epochs`` and for the data-aware criteria: ``--calibration-size`` of its images calibrate
+``wanda-lamp``), evaluated at ``--image-size`` (resize to 256/224 of it, centre crop,
 ImageNet normalisation). With ``--pretrained`` (torchvision's DEFAULT weights, downloaded once), ``val/``
 must hold the 1,000 ImageNet class folders (``n01440764`` ...): their sorted order is torchvision's class
 index. Without it the network has random weights and one output per class folder: the code path is
@@ -29,6 +30,8 @@ import torch
 
 from . import unstructured
 from .cifar10 import _interleave
+from pathsaliency.criteria import DATA_CRITERIA
+
 from .common import as_tensors, seed_everything, write_table
 from .harness import parse
 from .training import finetune
@@ -53,6 +56,8 @@ class Config:
     sparsities: Tuple[float, ...] = (0.1, 0.2, 0.4, 0.6, 0.8)
     criteria: Tuple[str, ...] = unstructured.DEFAULT_CRITERIA
     factors: Tuple[float, ...] = (1, 128, 4096)
+    calibration_size: int = field(default=256, metadata={"help": "train/ images (class-balanced, not augmented) "
+                                                                 "for the data-aware criteria (wanda-lamp)"})
     finetune_after_epochs: int = field(default=0, metadata={"help": "fine-tune each pruned network on train/ "
                                                                     "(masks kept)"})
     train_limit: Optional[int] = field(default=None, metadata={"help": "use only N training images for fine-tuning"})
@@ -139,11 +144,14 @@ def run(config: Config, log=print):
                              device=c.device, workers=c.workers, seed=c.seed, progress=c.progress)
             return tuned.to("cpu")
 
+    calibration = None
+    if any(unstructured.CRITERIA[name][0] in DATA_CRITERIA for name in c.criteria):
+        calibration = as_tensors(image_folder(c.data, "train", c.image_size, limit=c.calibration_size))[0]
     X = evaluation_data(val, batch_size=c.batch_size, workers=c.workers, max_memory_gb=c.max_memory_gb,
                         progress=c.progress)
     rows = unstructured.compare(c.model, net, X, input_shape, sparsities=c.sparsities, criteria=c.criteria,
-                                factors=c.factors, seed=c.seed, finetune_after=after, device=c.device,
-                                progress=c.progress, log=log)
+                                factors=c.factors, seed=c.seed, finetune_after=after, calibration=calibration,
+                                device=c.device, progress=c.progress, log=log)
     weights = "torchvision DEFAULT weights" if c.pretrained else "random weights"
     what = f"{c.model}, {weights}, {len(val)} {data_name(c.data)} val images at {c.image_size}px"
     paths = write_table(rows, out, "imagenet", f"Unstructured pruning on ImageNet ({what})", unstructured.COLUMNS,
