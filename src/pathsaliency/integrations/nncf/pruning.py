@@ -121,16 +121,10 @@ def pruning_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {name: hook.binary_mask.detach().clone().bool() for name, hook in _mask_hooks(model).items()}
 
 
-def _state_for(
-    model: nn.Module,
-    input_shape: Any = None,
-    scope: Optional[str] = None,
-    output: Any = None,
-    dtype: Optional[torch.dtype] = None,
-    criterion: Optional[str] = None,
-    calibration: Any = None,
-) -> _PruneState:
-    """The remembered state of ``model``, updated with the arguments that are given."""
+def _state_for(model: nn.Module, input_shape: Any, scope: Optional[str], **options: Any) -> _PruneState:
+    """The remembered state of ``model``, updated with the arguments that are given (not None):
+    ``input_shape``, ``scope`` and the ``_PruneState`` fields in ``options`` (``output``, ``dtype``,
+    ``criterion``, ``calibration``)."""
     state = _PRUNED.get(model)
     if state is None:
         if input_shape is None:
@@ -146,14 +140,9 @@ def _state_for(
         state.input_shape = sample_shape(input_shape)
     if scope is not None:
         state.scope = _check_scope(scope)
-    if output is not None:
-        state.output = output
-    if dtype is not None:
-        state.dtype = dtype
-    if criterion is not None:
-        state.criterion = _check_criterion(criterion)
-    if calibration is not None:
-        state.calibration = calibration
+    for name, value in options.items():
+        if value is not None:
+            setattr(state, name, _check_criterion(value) if name == "criterion" else value)
     return state
 
 
@@ -261,7 +250,8 @@ def update_pruning_ratio(
     """
     ratio = _check_ratio(ratio)
     hooks = _mask_hooks(model)
-    state = _state_for(model, input_shape, scope, output, dtype, criterion, calibration)
+    state = _state_for(model, input_shape, scope, output=output, dtype=dtype, criterion=criterion,
+                       calibration=calibration)
     current = {name: hook.binary_mask.detach().bool() for name, hook in hooks.items()}
 
     _load_shadow(state.shadow, model, current)
