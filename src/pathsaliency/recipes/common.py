@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pathsaliency.evaluate import deviation  # noqa: F401 (the recipes' per-sample ||R_theta(x) - R_theta'(x)||_1)
+from pathsaliency.evaluate import outputs
 
 
 def seed_everything(seed: int):
@@ -34,10 +35,11 @@ def as_tensors(dataset, batch_size=500, workers=0, progress=False, desc="decode"
     return torch.cat(xs), torch.cat(ys)
 
 
-@torch.no_grad()
 def predict(model, X, batch_size=500, device="cpu"):
-    """Outputs of ``model`` (evaluated as is: call ``.eval()`` first) on every row of ``X``."""
-    return torch.cat([model(X[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)])
+    """Outputs (float32, on the CPU) of ``model`` on every row of ``X``, in batches of ``batch_size`` on
+    ``device``: :func:`pathsaliency.evaluate.outputs` (eval mode, no TF32; the model itself never moves)."""
+    chunks = [X[i:i + batch_size] for i in range(0, len(X), batch_size)]
+    return outputs(model, chunks, device=device, progress=False).outputs.float()
 
 
 def top1(logits, Y) -> float:
