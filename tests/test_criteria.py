@@ -110,6 +110,21 @@ def test_wanda_normalises_the_rows_of_a_rescalable_layer_without_batchnorm():
     assert all(torch.equal(got[n], got_r[n]) for n in want)  # power-of-two factors: bit-identical
 
 
+def test_norm_balanced_is_magnitude_on_the_representative_with_equal_gamma_and_column_norms():
+    m = _cnn()
+    W3, W8 = m[3].weight.detach().abs().double(), m[8].weight.detach().abs().double()
+    g1, g2 = m[1].weight.detach().abs().double(), m[4].weight.detach().abs().double()
+    c1 = (g1 / W3.pow(2).sum((0, 2, 3)).sqrt()).sqrt()
+    c2 = (g2 / W8.view(5, 8, 9).pow(2).sum((0, 2)).sqrt()).sqrt()  # 8 channels x 3x3 positions after the pool
+    want = {"0.weight": m[0].weight.detach().abs().double(), "3.weight": W3 * c1.view(1, -1, 1, 1),
+            "8.weight": W8 * c2.repeat_interleave(9).view(1, -1)}
+    got = unstructured_scores(m, (2, 8, 8), "norm-balanced", list(want))
+    for name, w in want.items():
+        torch.testing.assert_close(got[name].double(), w, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="'0' has none: use wanda-lamp or balanced-fan"):
+        unstructured_scores(_mlp(), (3,), "norm-balanced")
+
+
 def test_data_aware_criterion_without_calibration_says_what_to_pass():
     with pytest.raises(ValueError, match="calibration="):
         ps.prune_unstructured(_cnn(), 0.5, (2, 8, 8), criterion="wanda-lamp")

@@ -32,6 +32,19 @@ that start at the batch-norm shift count in ``i``'s mass), summed over the posit
   invariant scores), and it keeps every layer's largest weights.
 * ``path-lamp``: LAMP of the path-magnitude scores.
 
+* ``norm-balanced`` ``n(w_ij) = |W_ij| sqrt(|gamma_j| / ||W_:j||)``: plain magnitude on the *norm-balanced*
+  representative of the rescaling orbit, where every rescalable hidden channel ``j`` has as much weight
+  going in (its batch-norm's ``|gamma_j|``) as going out (``||W_:j||_2``, the l2 norm of the columns of
+  every conv/linear reading it); rows of batch-norm-followed layers are compared as trained (the gauge
+  the batch-norm fixes), the model input and residual sums are not rescalable (factor 1). Rescaling ``j``
+  by ``lam`` multiplies ``gamma_j`` by ``lam`` and divides ``W_:j`` by it: the factor absorbs both
+  (exactly, for powers of two). Weight decay drives a trained network towards this balance (the loss is
+  flat along the orbit, the decay is not), which is why magnitude works on trained networks and fails
+  after a rescaling. Defined when every rescalable channel's producer is followed by a batch-norm
+  its readers' rows are not themselves rescaled (ResNets, VGG-BN, DenseNets); other models are refused
+  with the channel named.
+* ``norm-balanced-lamp``: LAMP of ``norm-balanced`` (global pruning).
+
 Data-aware (they need ``calibration`` inputs, e.g. the images used to re-estimate batch-norm statistics):
 
 * ``wanda`` ``a(w_ij) = |W_ij| rms(x_j) / r(i)``: the weight's typical contribution ``|W_ij x_j|`` to its
@@ -65,11 +78,13 @@ import torch.nn as nn
 from . import steps
 from .lifting import compute_dtype, lift
 from .profile import profile
+from .params import qualified
 from .rescale import rescalable_channels
 from .saliency import _step_of, path_magnitude
 
 DATA_CRITERIA = ("wanda-lamp", "wanda")
-INVARIANT_CRITERIA = DATA_CRITERIA + ("balanced-fan", "balanced", "balanced-lamp", "path-lamp")
+INVARIANT_CRITERIA = DATA_CRITERIA + ("norm-balanced-lamp", "norm-balanced", "balanced-fan", "balanced", "balanced-lamp",
+                                      "path-lamp")
 
 
 def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, output=None,
@@ -85,6 +100,9 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
                              "batches>, e.g. the images used to re-estimate batch-norm statistics")
         scores = wanda_scores(model, names, calibration, output=output)
         return {n: lamp(s) for n, s in scores.items()} if criterion == "wanda-lamp" else scores
+    if criterion.startswith("norm-balanced"):
+        scores = norm_balanced_scores(model, names, output=output)
+        return {n: lamp(s) for n, s in scores.items()} if criterion == "norm-balanced-lamp" else scores
     pm = path_magnitude(model, input_shape, output=output, dtype=dtype)
     pm = restrict(pm, names, criterion)
     if criterion == "path-lamp":
@@ -96,6 +114,42 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
     if criterion == "balanced-lamp":
         return {n: lamp(s) for n, s in scores.items()}
     return scores
+
+
+def norm_balanced_scores(model: nn.Module, names, *, output=None) -> dict:
+    """``|W_ij| sqrt(|gamma_j| / ||W_:j||)`` for the conv/linear weights ``names`` (see the module
+    docstring); factor 1 on the columns of channels that are not rescalable."""
+    plan = lift(model, output).plan
+    params = dict(model.named_parameters())
+    out = {n: params[n].detach().abs().to(torch.float64) for n in names}
+    for step, consumers in rescalable_channels(plan):
+        if step.bn is None or qualified(step.bn, "weight") not in params:
+            raise ValueError(f"norm-balanced needs a batch-norm with affine parameters after every rescalable layer; "
+                             f"'{step.module}' has none: use wanda-lamp or balanced-fan")
+        gamma = params[qualified(step.bn, "weight")].detach().abs().to(torch.float64)
+        out_sq = torch.zeros_like(gamma)
+        for s, flat in consumers:
+            w = params[qualified(s.module, "weight")].detach().to(torch.float64)
+            out_sq += _per_input_channel(s, w * w, flat, len(gamma))
+        ratio = torch.where(out_sq > 0, gamma / out_sq.sqrt().where(out_sq > 0, torch.ones_like(out_sq)),
+                            torch.zeros_like(gamma))
+        for s, flat in consumers:
+            name = qualified(s.module, "weight")
+            if name in out:
+                s.scale_inputs(out[name], ratio.sqrt().to(out[name].device), flat)
+    return {n: v.to(params[n].dtype) for n, v in out.items()}
+
+
+def _per_input_channel(step, t, flat, channels):
+    """``sum`` of the non-negative weight tensor ``t`` of ``step`` over everything but the input channel
+    (``channels`` of them; ``flat``: a linear layer reading a flattened ``(C, *spatial)`` tensor)."""
+    if isinstance(step, steps.LinearStep):
+        return t.sum(0).view(channels, -1).sum(1)
+    if isinstance(step, steps.ConvTransposeStep):  # (in, out / groups, *k)
+        return t.sum([d for d in range(t.dim()) if d != 0])
+    g = step.conv.groups  # (out, in / groups, *k): input channel c = group * (in / groups) + local
+    per = t.shape[1]
+    return t.view(g, t.shape[0] // g, per, -1).sum((1, 3)).reshape(g * per)
 
 
 def restrict(scores: dict, names, criterion: str) -> dict:
