@@ -48,7 +48,7 @@ def _report(out, limit, log):
 
     X, Y = unstructured.load_data("sample", limit)
     ref = load_cifar_resnet("resnet20")
-    pruned, _ = prune_unstructured(ref, 0.4, unstructured.INPUT_SHAPE)
+    pruned, _ = prune_unstructured(ref, 0.4, unstructured.INPUT_SHAPE, criterion="path-magnitude")
     report = robustness_report(ref, pruned, [(X[i:i + 500], Y[i:i + 500]) for i in range(0, len(X), 500)],
                                input_shape=unstructured.INPUT_SHAPE, name="resnet20, path-magnitude 40%")
     (out / "report.json").write_text(report.to_json())

@@ -212,7 +212,7 @@ def run(models=("resnet20",), data="sample", methods=tuple(METHODS), prune_spars
             dense = load_cifar_resnet(name)
             for sp in prune_sparsities:
                 seed_everything(seed)
-                ref = dense if sp == 0 else prune_unstructured(dense, sp, INPUT_SHAPE)[0].eval()
+                ref = dense if sp == 0 else prune_unstructured(dense, sp, INPUT_SHAPE, criterion="path-magnitude")[0].eval()
                 for method in methods:
                     t0 = time.perf_counter()
                     tag = _tag(name, sp)
