@@ -126,7 +126,6 @@ class Config:
         "help": "images on which the certified (embedded) copy is compared with the evaluated model (0: all)"})
     reestimate_bn: bool = field(default=True, metadata={"help": "re-estimate batch-norm statistics after pruning"})
     bn_images: int = field(default=1024, metadata={"help": "training images for the batch-norm re-estimation"})
-    one_shot_accuracy: bool = field(default=True, metadata={"help": "also evaluate before the re-estimation"})
     finetune_epochs: int = field(default=0, metadata={"help": "fine-tune each pruned model (after re-estimation)"})
     train_limit: Optional[int] = field(default=None, metadata={
         "help": "use only the first N training images (fine-tuning, calibration)"})
