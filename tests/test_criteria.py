@@ -125,6 +125,19 @@ def test_norm_balanced_is_magnitude_on_the_representative_with_equal_gamma_and_c
         unstructured_scores(_mlp(), (3,), "norm-balanced")
 
 
+def test_auto_criterion_is_norm_balanced_lamp_on_batchnorm_networks():
+    from pathsaliency.pruning import resolve_criterion
+
+    assert resolve_criterion("auto", _cnn()) == "norm-balanced-lamp"
+    assert resolve_criterion("auto", _mlp()) == "balanced-fan"  # no batch-norm: norm-balanced is undefined
+    assert resolve_criterion("auto", _mlp(), calibration=torch.zeros(2, 3)) == "wanda-lamp"
+    assert resolve_criterion("magnitude", _mlp()) == "magnitude"
+    m = _cnn()
+    _, auto = ps.prune_unstructured(m, 0.5, (2, 8, 8))
+    _, named = ps.prune_unstructured(m, 0.5, (2, 8, 8), criterion="norm-balanced-lamp")
+    assert all(torch.equal(auto[k], named[k]) for k in auto)
+
+
 def test_data_aware_criterion_without_calibration_says_what_to_pass():
     with pytest.raises(ValueError, match="calibration="):
         ps.prune_unstructured(_cnn(), 0.5, (2, 8, 8), criterion="wanda-lamp")

@@ -278,7 +278,7 @@ def cmd_prune(args):
         if args.calibration is not None:
             batches = _report_data(args.calibration, args.trust_checkpoint, flag="--calibration")
             calibration = list(itertools.islice(batches, args.calibration_batches))
-        args.criterion = resolve_criterion(args.criterion, calibration)
+        args.criterion = resolve_criterion(args.criterion, model, calibration)
         pruned, _ = prune_unstructured(model, args.amount, shape, criterion=args.criterion, scope=args.scope,
                                        calibration=calibration, dtype=getattr(torch, args.dtype))
         steps("certify")
@@ -353,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, dtype="float32", dtype_help="precision of the path-magnitude scores (the certified D is float64)")
     p.add_argument("--amount", type=_fraction, required=True, help="fraction of conv/linear weights to remove, in [0, 1]")
     p.add_argument("--criterion", choices=("auto",) + CRITERIA, default="auto",
-                   help="score of a weight (README, 'Choosing a criterion'); auto: wanda-lamp with --calibration, "
-                        "balanced-fan without")
+                   help="score of a weight (README, 'Choosing a criterion'); auto: norm-balanced-lamp on batch-norm "
+                        "networks, else wanda-lamp with --calibration, else balanced-fan")
     p.add_argument("--calibration", metavar="DATA", help="inputs for the data-aware criteria, as report's --data: "
                                                          "cifar10-sample, cifar10-train, cifar10-test or a .pt file")
     p.add_argument("--calibration-batches", type=_positive, default=4,

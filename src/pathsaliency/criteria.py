@@ -94,6 +94,8 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
     input batches or ``(input, target)`` batches."""
     if criterion not in INVARIANT_CRITERIA:
         raise ValueError(f"criterion must be one of {INVARIANT_CRITERIA}, got {criterion!r}")
+    plan = lift(model, output).plan
+    restrict({n: None for n in names if plan.module_steps(n.rpartition(".")[0])}, names, criterion)
     if criterion in DATA_CRITERIA:
         if calibration is None:
             raise ValueError(f"{criterion} is data-aware: pass calibration=<a tensor of inputs or an iterable of "
@@ -119,13 +121,14 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
 def norm_balanced_scores(model: nn.Module, names, *, output=None) -> dict:
     """``|W_ij| sqrt(|gamma_j| / ||W_:j||)`` for the conv/linear weights ``names`` (see the module
     docstring); factor 1 on the columns of channels that are not rescalable."""
-    plan = lift(model, output).plan
     params = dict(model.named_parameters())
     out = {n: params[n].detach().abs().to(torch.float64) for n in names}
-    for step, consumers in rescalable_channels(plan):
-        if step.bn is None or qualified(step.bn, "weight") not in params:
-            raise ValueError(f"norm-balanced needs a batch-norm with affine parameters after every rescalable layer; "
-                             f"'{step.module}' has none: use wanda-lamp or balanced-fan")
+    channels = rescalable_channels(lift(model, output).plan)
+    missing = _without_batchnorm(channels, params)
+    if missing:
+        raise ValueError(f"norm-balanced needs a batch-norm with affine parameters after every rescalable layer; "
+                         f"'{missing[0]}' has none: use wanda-lamp or balanced-fan")
+    for step, consumers in channels:
         gamma = params[qualified(step.bn, "weight")].detach().abs().to(torch.float64)
         out_sq = torch.zeros_like(gamma)
         for s, flat in consumers:
@@ -138,6 +141,15 @@ def norm_balanced_scores(model: nn.Module, names, *, output=None) -> dict:
             if name in out:
                 s.scale_inputs(out[name], ratio.sqrt().to(out[name].device), flat)
     return {n: v.to(params[n].dtype) for n, v in out.items()}
+
+
+def norm_balanced_defined(model: nn.Module, output=None) -> bool:
+    """Whether ``norm-balanced`` is defined for ``model``: every rescalable layer has an affine batch-norm."""
+    return not _without_batchnorm(rescalable_channels(lift(model, output).plan), dict(model.named_parameters()))
+
+
+def _without_batchnorm(channels, params) -> list:
+    return [step.module for step, _ in channels if step.bn is None or qualified(step.bn, "weight") not in params]
 
 
 def _per_input_channel(step, t, flat, channels):

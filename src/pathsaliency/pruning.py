@@ -3,8 +3,7 @@
 Criteria (:data:`CRITERIA`): the paper's ``path-magnitude`` (the path-metric lost by removing a weight
 alone), plain ``magnitude`` ``|w|`` (not rescaling-invariant), and the rescaling-invariant criteria of
 :mod:`pathsaliency.criteria`. The default ``"auto"`` is the invariant criterion that keeps the most
-accuracy on the committed CIFAR-10 results (README): ``wanda-lamp`` when calibration inputs are given,
-``balanced-fan`` (data-free) otherwise.
+accuracy on the committed CIFAR-10 results (README), :func:`resolve_criterion`.
 """
 from __future__ import annotations
 
@@ -15,17 +14,21 @@ import torch
 import torch.nn as nn
 
 from . import params, steps
-from .criteria import DATA_CRITERIA, INVARIANT_CRITERIA, invariant_scores, restrict
+from .criteria import DATA_CRITERIA, INVARIANT_CRITERIA, invariant_scores, norm_balanced_defined, restrict
 from .saliency import path_magnitude
 
 CRITERIA = ("path-magnitude", "magnitude") + INVARIANT_CRITERIA
 
 
-def resolve_criterion(criterion: str, calibration=None) -> str:
-    """``criterion``, with ``"auto"`` resolved: ``wanda-lamp`` given ``calibration``, else ``balanced-fan``."""
-    if criterion == "auto":
-        return "wanda-lamp" if calibration is not None else "balanced-fan"
-    return criterion
+def resolve_criterion(criterion: str, model: nn.Module, calibration=None, output=None) -> str:
+    """``criterion``, with ``"auto"`` resolved for ``model``: ``norm-balanced-lamp`` where it is defined
+    (every rescalable layer followed by a batch-norm), else ``wanda-lamp`` given ``calibration``, else
+    ``balanced-fan``: the invariant criteria in the order of the committed CIFAR-10 results (README)."""
+    if criterion != "auto":
+        return criterion
+    if norm_balanced_defined(model, output):
+        return "norm-balanced-lamp"
+    return "wanda-lamp" if calibration is not None else "balanced-fan"
 
 
 def prunable_weights(model: nn.Module, exclude: Callable[[str, torch.Tensor], bool] | None = None) -> list:
@@ -49,7 +52,7 @@ def unstructured_scores(model, input_shape=None, criterion="auto", names=None, *
     path-magnitude, or one of :data:`pathsaliency.criteria.INVARIANT_CRITERIA` (those need ``input_shape``;
     the data-aware :data:`pathsaliency.criteria.DATA_CRITERIA` need ``calibration`` inputs instead, which the
     data-free criteria ignore); ``"auto"``: see :func:`resolve_criterion`."""
-    criterion = resolve_criterion(criterion, calibration)
+    criterion = resolve_criterion(criterion, model, calibration, kw.get("output"))
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     names = prunable_weights(model) if names is None else names
@@ -113,8 +116,8 @@ def prune_unstructured(model: nn.Module, amount: float, input_shape=None, *, cri
     Returns ``(pruned_copy, masks)``: the copy has those weights set to zero (or, with
     ``use_torch_prune=True``, carries ``torch.nn.utils.prune`` masks); ``masks`` maps weight names to
     boolean keep-masks. ``model`` is not modified. ``criterion`` is one of :data:`CRITERIA` or ``"auto"``
-    (:func:`resolve_criterion`: ``wanda-lamp`` with ``calibration``, ``balanced-fan`` without, the
-    invariant criteria that keep the most accuracy, README). ``calibration`` (inputs: a tensor or an
+    (:func:`resolve_criterion`: ``norm-balanced-lamp`` on batch-norm networks, the invariant criterion
+    that keeps the most accuracy on the committed results, README). ``calibration`` (inputs: a tensor or an
     iterable of batches) feeds the data-aware criteria (``wanda-lamp``, ``wanda``; :mod:`pathsaliency.criteria`);
     ``**kw`` goes to the path-lifting scores (``output``, ``dtype``).
     """

@@ -56,7 +56,7 @@ from pathsaliency.models.cifar_resnet import load_cifar_resnet
 
 from .cifar10 import cifar10, in_ci
 from .common import as_tensors, seed_everything, write_report, write_table
-from .harness import figure, parse
+from .harness import figure, label, parse, save
 from .unstructured import INPUT_SHAPE, load_data
 
 METHODS = {  # name -> what is quantized (the table's "quantized" column)
@@ -324,31 +324,29 @@ def plot(rows, path, subtitle=""):
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     configs = sorted({(r["model"], r["sparsity"]) for r in rows})
     markers = dict(zip(configs, "os^Dvp<>h*"))
-    with figure(path) as (_, axes):
-        ax = axes[0, 0]
-        for r in rows:
-            x = r["D_relative"]
-            if not (x > 0 and math.isfinite(x)):
-                continue
-            c, mk = colors[r["method"]], markers.get((r["model"], r["sparsity"]), "o")
-            ax.scatter([x], [max(r["observed_max"], 1e-12)], color=c, marker=mk, s=50)
-            if r["activations_quantized"] and r["full_observed_max"] is not None:
-                ax.scatter([x], [max(r["full_observed_max"], 1e-12)], facecolors="none", edgecolors=c, marker=mk, s=70)
-                ax.plot([x, x], [max(r["observed_max"], 1e-12), max(r["full_observed_max"], 1e-12)], color=c, lw=0.6,
-                        ls=":")
-        for m, c in colors.items():
-            if any(r["method"] == m for r in rows):
-                ax.scatter([], [], color=c, marker="s", label=m)
-        for (name, sp), mk in markers.items():
-            ax.scatter([], [], color="gray", marker=mk, label=f"{name}, {'dense' if sp == 0 else f'pruned {sp:.0%}'}")
-        ax.scatter([], [], facecolors="none", edgecolors="gray", marker="o", label="full model (NOT certified)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("certified relative distance D / ||Φ(θ)||₁ (weights only)")
-        ax.set_ylabel("observed max ||R_θ(x) − R_θ'(x)||₁ over the data")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="best")
-        ax.set_title(f"Quantization: certified weight distance vs observed output deviation. {subtitle}", fontsize=9)
+    fig, axes = figure(panel=(8, 5.5))
+    ax = axes[0, 0]
+    for r in rows:
+        x = r["D_relative"]
+        if not (x > 0 and math.isfinite(x)):
+            continue
+        c, mk = colors[r["method"]], markers.get((r["model"], r["sparsity"]), "o")
+        ax.scatter([x], [max(r["observed_max"], 1e-12)], color=c, marker=mk, s=50)
+        if r["activations_quantized"] and r["full_observed_max"] is not None:
+            ax.scatter([x], [max(r["full_observed_max"], 1e-12)], facecolors="none", edgecolors=c, marker=mk, s=70)
+            ax.plot([x, x], [max(r["observed_max"], 1e-12), max(r["full_observed_max"], 1e-12)], color=c, lw=0.6,
+                    ls=":")
+    for m, c in colors.items():
+        if any(r["method"] == m for r in rows):
+            ax.scatter([], [], color=c, marker="s", label=m)
+    for (name, sp), mk in markers.items():
+        ax.scatter([], [], color="gray", marker=mk, label=f"{name}, {'dense' if sp == 0 else f'pruned {sp:.0%}'}")
+    ax.scatter([], [], facecolors="none", edgecolors="gray", marker="o", label="full model (NOT certified)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    label(ax, f"Quantization: certified weight distance vs observed output deviation. {subtitle}",
+          "certified relative distance D / ||Φ(θ)||₁ (weights only)", "observed max ||R_θ(x) − R_θ'(x)||₁ over the data")
+    save(fig, path)
 
 
 def main(argv=None):
