@@ -33,7 +33,7 @@ from .cifar10 import _interleave
 from pathsaliency.criteria import DATA_CRITERIA
 
 from .common import as_tensors, seed_everything, write_table
-from .harness import parse
+from . import harness
 from .training import finetune
 
 MODELS = ("resnet18", "resnet50")
@@ -166,8 +166,8 @@ def data_name(root) -> str:
 
 
 def main(argv=None):
-    run(parse(Config, argv, prog="python -m pathsaliency.recipes.imagenet", description=__doc__,
-              choices={"model": list(MODELS), "criteria": list(unstructured.CRITERIA)}))
+    return harness.main(Config, run, argv, prog="python -m pathsaliency.recipes.imagenet", description=__doc__,
+                        choices={"model": list(MODELS), "criteria": list(unstructured.CRITERIA)})
 
 
 if __name__ == "__main__":

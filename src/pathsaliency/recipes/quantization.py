@@ -56,7 +56,8 @@ from pathsaliency.models.cifar_resnet import load_cifar_resnet
 
 from .cifar10 import cifar10, in_ci
 from .common import as_tensors, seed_everything, write_report, write_table
-from .harness import figure, label, parse, save
+from . import harness
+from .harness import figure, label, save
 from .unstructured import INPUT_SHAPE, load_data
 
 METHODS = {  # name -> what is quantized (the table's "quantized" column)
@@ -350,9 +351,9 @@ def plot(rows, path, subtitle=""):
 
 
 def main(argv=None):
-    run(parse(Config, argv, prog="python -m pathsaliency.recipes.quantization", description=__doc__,
-              choices={"methods": list(METHODS), "data": ["test", "sample", "torchvision"],
-                       "calibration_data": ["train", "sample"]}))
+    return harness.main(Config, run, argv, prog="python -m pathsaliency.recipes.quantization", description=__doc__,
+                        choices={"methods": list(METHODS), "data": ["test", "sample", "torchvision"],
+                                 "calibration_data": ["train", "sample"]})
 
 
 if __name__ == "__main__":

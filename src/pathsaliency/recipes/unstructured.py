@@ -22,7 +22,6 @@ between ``D / ||Phi||`` and the accuracy drop.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,16 @@ from typing import Optional, Tuple
 import torch
 
 import pathsaliency as ps
+from pathsaliency import evaluate
 from pathsaliency.bound import CertificateViolation, check_bound, rounding_allowance  # noqa: F401 (raised)
 from pathsaliency.models.cifar_resnet import load_cifar_resnet
 from pathsaliency.pruning import CRITERIA as KINDS
 from pathsaliency.pruning import apply_masks, masks_from_scores, unstructured_scores
 
 from .cifar10 import cifar10
-from .common import as_tensors, deviation, predict, reestimate_batchnorm, seed_everything, top1, write_table
-from .harness import parse, spearman
+from .common import as_tensors, reestimate_batchnorm, seed_everything, top1, write_table
+from . import harness
+from .harness import spearman
 from .training import finetune
 
 CRITERIA = {name: (kind, rescaled) for kind in KINDS for rescaled in (False, True)  # name -> (criterion, rescaled)
@@ -135,26 +136,15 @@ def rank_agreement(rows) -> str:
 
 
 def outputs(model, data, device="cpu", progress=False):
-    """``(logits, labels, input bounds)`` of ``model`` (evaluated as is: call ``.eval()`` first) on ``data``:
-    an ``(X, Y)`` pair of tensors (batches of 500) or an iterable of ``(x, y)`` batches (a DataLoader, for
-    data too large to hold in memory). The input bound of a sample is ``max(1, ||x||_inf)``. On another
-    ``device`` a copy of the model is evaluated (the certificates are computed on the CPU copy)."""
-    if torch.device(device) != torch.device("cpu"):
-        model = copy.deepcopy(model).to(device)
+    """``(logits, labels, input bounds)`` of ``model`` on ``data``: an ``(X, Y)`` pair of tensors (batches of
+    500) or an iterable of ``(x, y)`` batches (a DataLoader, for data too large to hold in memory), through
+    :func:`pathsaliency.evaluate.outputs` (the input bound of a sample is ``max(1, ||x||_inf)``; on another
+    ``device`` the model itself never moves)."""
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
         X, Y = data
-        return predict(model, X, device=device), Y, X.reshape(len(X), -1).abs().amax(1).double().clamp_min(1.0)
-    if progress:
-        from tqdm.auto import tqdm
-
-        data = tqdm(data, desc="evaluate", leave=False)
-    logits, labels, bounds = [], [], []
-    with torch.no_grad():
-        for x, y in data:
-            logits.append(model(x.to(device)).float().cpu())
-            labels.append(torch.as_tensor(y))
-            bounds.append(x.reshape(len(x), -1).abs().amax(1).double().clamp_min(1.0))
-    return torch.cat(logits), torch.cat(labels), torch.cat(bounds)
+        data = [(X[i:i + 500], Y[i:i + 500]) for i in range(0, len(X), 500)]
+    out = evaluate.outputs(model, data, device=device, progress=progress)
+    return out.outputs.float(), out.labels, out.input_bounds
 
 
 def compare(name, ref, data, input_shape=INPUT_SHAPE, sparsities=(0.1, 0.2, 0.4, 0.6, 0.8), criteria=DEFAULT_CRITERIA,
@@ -193,7 +183,7 @@ def compare(name, ref, data, input_shape=INPUT_SHAPE, sparsities=(0.1, 0.2, 0.4,
             logits = outputs(pruned, data, device, progress)[0]
             d = ps.path_metric(base, pruned, input_shape) if changed else d_masks
             bound = x_bound * d.value
-            observed = deviation(base_logits[on_rescaled], logits)
+            observed = evaluate.deviation(base_logits[on_rescaled], logits)
             check_bound(observed, bound, rounding_allowance(base_logits[on_rescaled], logits),
                         what=f"{name} {crit} {sp:.0%}")
             same = ""
@@ -249,9 +239,9 @@ def plot(rows, path, subtitle=""):
 
 
 def main(argv=None):
-    run(parse(Config, argv, prog="python -m pathsaliency.recipes.unstructured", description=__doc__,
-              choices={"criteria": list(CRITERIA), "data": ["test", "sample", "torchvision"],
-                       "models": ["resnet20", "resnet32"]}))
+    return harness.main(Config, run, argv, prog="python -m pathsaliency.recipes.unstructured", description=__doc__,
+                        choices={"criteria": list(CRITERIA), "data": ["test", "sample", "torchvision"],
+                                 "models": ["resnet20", "resnet32"]})
 
 
 if __name__ == "__main__":
