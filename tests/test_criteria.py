@@ -56,15 +56,91 @@ def test_balanced_score_is_path_magnitude_over_the_root_of_both_end_masses():
 def test_invariant_criteria_give_identical_masks_after_a_power_of_two_rescaling(criterion, assert_untouched):
     m = _cnn()
     r = ps.random_rescale(m, generator=torch.Generator().manual_seed(1))
+    calib = torch.randn(12, 2, 8, 8, generator=torch.Generator().manual_seed(2))
     with assert_untouched(m):
-        pruned, masks = ps.prune_unstructured(m, 0.6, (2, 8, 8), criterion=criterion)
-    _, masks_r = ps.prune_unstructured(r, 0.6, (2, 8, 8), criterion=criterion)
+        pruned, masks = ps.prune_unstructured(m, 0.6, (2, 8, 8), criterion=criterion, calibration=calib)
+    _, masks_r = ps.prune_unstructured(r, 0.6, (2, 8, 8), criterion=criterion, calibration=calib)
     assert all(torch.equal(masks[k], masks_r[k]) for k in masks)
     if criterion == INVARIANT_CRITERIA[0]:
         _, mag = ps.prune_unstructured(m, 0.6, criterion="magnitude")
         _, mag_r = ps.prune_unstructured(r, 0.6, criterion="magnitude")
         assert not all(torch.equal(mag[k], mag_r[k]) for k in mag)  # the rescaling does move magnitudes
     assert sum(int((~v).sum()) for v in masks.values()) == round(0.6 * sum(v.numel() for v in masks.values()))
+
+
+def test_wanda_is_weight_times_input_rms_in_the_batchnorm_gauge():
+    """Independent forward on the CNN: every layer's input by hand; rows of batch-norm-followed convs and
+    of the output layer are not normalised."""
+    m = _cnn()
+    X = torch.randn(7, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x1 = X
+        x2 = torch.relu(m[1](m[0](x1)))
+        x3 = torch.flatten(torch.max_pool2d(torch.relu(m[4](m[3](x2))), 2), 1)
+    rms = lambda x, dims: (x.double() ** 2).mean(dims).sqrt()
+    want = {"0.weight": m[0].weight.abs().double() * rms(x1, (0, 2, 3)).view(1, -1, 1, 1),
+            "3.weight": m[3].weight.abs().double() * rms(x2, (0, 2, 3)).view(1, -1, 1, 1),
+            "8.weight": m[8].weight.abs().double() * rms(x3, 0).view(1, -1)}
+    got = unstructured_scores(m, None, "wanda", list(want), calibration=[(X[:4], 0), (X[4:], 0)])
+    for name, w in want.items():
+        torch.testing.assert_close(got[name].double(), w, rtol=1e-5, atol=0)
+    lamped = unstructured_scores(m, None, "wanda-lamp", list(want), calibration=X)
+    for name in want:
+        torch.testing.assert_close(lamped[name], lamp(got[name]).to(lamped[name].dtype), rtol=1e-5, atol=1e-12)
+
+
+def test_wanda_normalises_the_rows_of_a_rescalable_layer_without_batchnorm():
+    """MLP: the hidden layers' rows are rescaled with their bias, so each row is divided by its output's
+    rms; the last layer's outputs are the network's (not rescalable)."""
+    m = _mlp()
+    X = torch.randn(9, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h1 = m[0](X)
+        h2 = m[2](torch.relu(h1))
+    rms = lambda x: (x ** 2).mean(0).sqrt()
+    want = {"0.weight": m[0].weight.abs() * rms(X).view(1, -1) / rms(h1).view(-1, 1),
+            "2.weight": m[2].weight.abs() * rms(torch.relu(h1)).view(1, -1) / rms(h2).view(-1, 1),
+            "4.weight": m[4].weight.abs() * rms(torch.relu(h2)).view(1, -1)}
+    got = unstructured_scores(m, None, "wanda", list(want), calibration=X)
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w.detach(), rtol=1e-12, atol=0)
+    r = ps.random_rescale(m, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(r[0].weight, m[0].weight)
+    got_r = unstructured_scores(r, None, "wanda", list(want), calibration=X)
+    assert all(torch.equal(got[n], got_r[n]) for n in want)  # power-of-two factors: bit-identical
+
+
+def test_norm_balanced_is_magnitude_on_the_representative_with_equal_gamma_and_column_norms():
+    m = _cnn()
+    W3, W8 = m[3].weight.detach().abs().double(), m[8].weight.detach().abs().double()
+    g1, g2 = m[1].weight.detach().abs().double(), m[4].weight.detach().abs().double()
+    c1 = (g1 / W3.pow(2).sum((0, 2, 3)).sqrt()).sqrt()
+    c2 = (g2 / W8.view(5, 8, 9).pow(2).sum((0, 2)).sqrt()).sqrt()  # 8 channels x 3x3 positions after the pool
+    want = {"0.weight": m[0].weight.detach().abs().double(), "3.weight": W3 * c1.view(1, -1, 1, 1),
+            "8.weight": W8 * c2.repeat_interleave(9).view(1, -1)}
+    got = unstructured_scores(m, (2, 8, 8), "norm-balanced", list(want))
+    for name, w in want.items():
+        torch.testing.assert_close(got[name].double(), w, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="'0' has none: use wanda-lamp or balanced-fan"):
+        unstructured_scores(_mlp(), (3,), "norm-balanced")
+
+
+def test_auto_criterion_is_norm_balanced_lamp_on_batchnorm_networks():
+    from pathsaliency.pruning import resolve_criterion
+
+    assert resolve_criterion("auto", _cnn()) == "norm-balanced-lamp"
+    assert resolve_criterion("auto", _mlp()) == "balanced-fan"  # no batch-norm: norm-balanced is undefined
+    assert resolve_criterion("auto", _mlp(), calibration=torch.zeros(2, 3)) == "wanda-lamp"
+    assert resolve_criterion("magnitude", _mlp()) == "magnitude"
+    m = _cnn()
+    _, auto = ps.prune_unstructured(m, 0.5, (2, 8, 8))
+    _, named = ps.prune_unstructured(m, 0.5, (2, 8, 8), criterion="norm-balanced-lamp")
+    assert all(torch.equal(auto[k], named[k]) for k in auto)
+
+
+def test_data_aware_criterion_without_calibration_says_what_to_pass():
+    with pytest.raises(ValueError, match="calibration="):
+        ps.prune_unstructured(_cnn(), 0.5, (2, 8, 8), criterion="wanda-lamp")
 
 
 def test_lamp_is_the_square_over_the_tail_sum_of_squares():

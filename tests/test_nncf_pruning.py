@@ -19,7 +19,7 @@ torchvision = pytest.importorskip("torchvision")
 
 import pathsaliency as ps  # noqa: E402
 from pathsaliency.models.cifar_resnet import load_cifar_resnet  # noqa: E402
-from pathsaliency.pruning import masks_from_scores  # noqa: E402
+from pathsaliency.pruning import masks_from_scores, unstructured_scores  # noqa: E402
 from pathsaliency.integrations import nncf as pn  # noqa: E402
 from nncf.torch.function_hook.pruning.magnitude.algo import get_pruned_modules  # noqa: E402
 from nncf.torch.function_hook.pruning.magnitude.schedulers import (  # noqa: E402
@@ -245,6 +245,27 @@ def test_nncf_path_magnitude_masks_are_rescaling_invariant(resnet20):
 
     a, b = nncf_magnitude(model), nncf_magnitude(rescaled)
     assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nncf_masks_of_the_invariant_wanda_lamp_criterion(resnet20, assert_untouched):
+    """criterion="wanda-lamp": NNCF's masks are the library's masks, identical on a rescaled copy, and
+    a scheduler-style update to a higher ratio nests them (scores of the current masked network)."""
+    model, shape = resnet20, CIFAR
+    calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    with assert_untouched(model):
+        pruned = pn.prune(model, 0.5, shape, criterion="wanda-lamp", calibration=calib)
+    expected = masks_from_scores(unstructured_scores(model, shape, "wanda-lamp", calibration=calib), 0.5)
+    masks = pn.pruning_masks(pruned)
+    _assert_masks_equal(masks, expected)
+    rescaled = ps.random_rescale(model, generator=torch.Generator().manual_seed(1))
+    _assert_masks_equal(pn.pruning_masks(pn.prune(rescaled, 0.5, shape, criterion="wanda-lamp", calibration=calib)),
+                        masks)
+    later = pn.update_pruning_ratio(pruned, 0.7)
+    assert all(bool((later[k] <= masks[k]).all()) for k in masks)  # nested: nothing masked comes back
+    total = sum(m.numel() for m in later.values())
+    assert sum(int((~m).sum()) for m in later.values()) == round(0.7 * total)
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        pn.prune(model, 0.5, shape, criterion="wanda-lam")
 
 
 class _DeadBranch(nn.Module):

@@ -67,9 +67,9 @@ def test_imagenet_recipe_streamed_and_finetuned(imagefolder, tmp_path):
     fine-tuned on train/ with its masks kept: D is then an upper bound (case 2), still checked."""
     out = tmp_path / "ft"
     crit = ["magnitude"]
-    rows = imagenet.run("resnet18", imagefolder, image_size=32, limit=6, batch_size=4, workers=0, sparsities=[0.5],
-                        criteria=crit, finetune_after_epochs=1, train_limit=8, max_memory_gb=0, out=out,
-                        progress=False)
+    rows = imagenet.run(imagenet.Config(model="resnet18", data=imagefolder, image_size=32, limit=6, batch_size=4,
+                                        workers=0, sparsities=(0.5,), criteria=tuple(crit), finetune_after_epochs=1,
+                                        train_limit=8, max_memory_gb=0, out=out, progress=False))
     _check(out, rows, crit, [0.5], "resnet18")
     assert rows[0]["finetuned"] is True
 
@@ -85,7 +85,7 @@ def test_imagenet_models():
 
 def test_imagenet_recipe_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="val"):
-        imagenet.run("resnet18", tmp_path, out=tmp_path / "out", progress=False)
+        imagenet.run(imagenet.Config(model="resnet18", data=tmp_path, out=tmp_path / "out", progress=False))
     with pytest.raises(ValueError, match="model"):
         imagenet.load_model("vgg16")
     with pytest.raises(SystemExit):

@@ -91,9 +91,9 @@ def test_quantization_recipe_nncf_weight_only_and_mixed(tmp_path):
 
 def test_quantization_recipe_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
-        quantization.run(methods=("fp8",), out=tmp_path)
+        quantization.run(quantization.Config(methods=("fp8",), out=tmp_path))
     with pytest.raises(ValueError, match="sparsity"):
-        quantization.run(methods=("inc-rtn-w8",), prune_sparsities=(1.0,), out=tmp_path)
+        quantization.run(quantization.Config(methods=("inc-rtn-w8",), prune_sparsity=(1.0,), out=tmp_path))
     with pytest.raises(SystemExit) as exc:
         quantization.main(["--help"])
     assert exc.value.code == 0

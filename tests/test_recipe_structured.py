@@ -1,6 +1,7 @@
 """The structured-pruning recipe end to end: CIFAR ResNet-20 on a slice of the packaged sample (with and
 without a few fine-tuning steps), the ImageNet code path on a tiny generated ImageFolder with random
-weights, and the conv form of the option-A shortcut (same function, same path-norm)."""
+weights, the conv form of the option-A shortcut (same function, same path-norm), and the bisection that
+puts every importance at the same MACs removed."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,12 @@ from pathsaliency.recipes import structured  # noqa: E402
 from pathsaliency.recipes.cifar10 import cifar10, shared_dir  # noqa: E402
 
 FILES = ("structured.csv", "structured.md", "structured.json", "structured.png")
+QUIET = dict(workers=0, progress=False, train_data="sample", bn_images=64, bisection_steps=5, macs_tolerance=0.03)
 
+
+def _run(tmp_path, **kw):
+    """The recipe on the packaged sample (no download), few images, a short bisection."""
+    return structured.run(structured.Config(out=str(tmp_path), **{**QUIET, **kw}), log=lambda *a: None)
 
 
 def _check_rows(rows, finetuned=False):
@@ -25,8 +31,8 @@ def _check_rows(rows, finetuned=False):
         assert r["observed_max"] <= r["certified_bound"], r
         assert r["zeroed_vs_pruned"] <= 1e-5, r
         assert 0 < r["macs_removed"] < 1 and 0 < r["params_removed"] < 1, r
-        assert r["macs_after"] < r["macs_before"] and 0 < r["D_relative"] <= 1, r
-        assert 0 <= r["top1"] <= 100
+        assert r["macs_after"] < r["macs_before"] and 0 < r["D_relative_masks"] <= 1 and r["D_relative"] > 0, r
+        assert 0 <= r["top1"] <= 100 and 0 <= r["top1_one_shot"] <= 100 and r["bn_reestimated"]
         if finetuned:
             assert 0 <= r["top1_finetuned"] <= 100
             assert r["finetuned_observed_max"] <= r["finetuned_certified_bound"], r
@@ -49,7 +55,7 @@ def test_conv_shortcut_keeps_function_path_norm_and_costs():
 
 
 def test_frozen_shortcut_channels_follow_the_residual_streams():
-    spec = structured.load_spec("resnet20", data="sample", limit=32, train_data="sample", log=lambda *a: None)
+    spec = structured.load_spec("resnet20", structured.Config(data="sample", limit=32, **QUIET), log=lambda *a: None)
     pruned, tracker = structured.prune(spec, "l1", "local", 0.25)
     sc2, sc3 = (m.conv for m in (pruned.layer2[0].shortcut, pruned.layer3[0].shortcut))
     # the stage-2 and stage-3 streams lost channels, and the frozen shortcuts lost the matching rows/columns
@@ -64,9 +70,8 @@ def test_frozen_shortcut_channels_follow_the_residual_streams():
 
 
 def test_cifar_end_to_end(tmp_path):
-    rows = structured.run(models=("resnet20",), data="sample", limit=100, importances=("path-metric", "l1"),
-                          ratios=(0.3,), scope="both", out=tmp_path, finetune_epochs=0, workers=0, progress=False,
-                          train_data="sample", log=lambda *a: None)  # no training data needed: no download
+    rows = _run(tmp_path, models=("resnet20",), data="sample", limit=100, importances=("path-metric", "l1"),
+                macs=(0.3,), scope="both", finetune_epochs=0)
     assert [(r["importance"], r["scope"]) for r in rows] == [("path-metric", "local"), ("path-metric", "global"),
                                                              ("l1", "local"), ("l1", "global")]
     _check_rows(rows)
@@ -81,19 +86,17 @@ def test_cifar_end_to_end(tmp_path):
 
 
 def test_every_importance_runs(tmp_path):
-    rows = structured.run(models=("resnet20",), data="sample", limit=20, importances=structured.IMPORTANCES,
-                          ratios=(0.25,), scope="local", out=tmp_path, calib_batches=1, calib_batch_size=8,
-                          train_data="sample", train_limit=8, workers=0, progress=False, log=lambda *a: None)
+    rows = _run(tmp_path, models=("resnet20",), data="sample", limit=20, importances=structured.IMPORTANCES,
+                macs=(0.3,), scope="local", calib_batches=1, calib_batch_size=8, train_limit=8, bisection_steps=2)
     assert [r["importance"] for r in rows] == list(structured.IMPORTANCES)
     _check_rows(rows)
 
 
 def test_cifar_finetune_steps(tmp_path):
     have_train = (shared_dir() / "data" / "cifar10" / "train.zip").is_file()
-    rows = structured.run(models=("resnet20",), data="sample", limit=100, importances=("l1",),
-                          ratios=(0.2,), scope="local", out=tmp_path, finetune_epochs=1, train_limit=64,
-                          train_data="train" if have_train else "sample", finetune_batch_size=16, workers=0,
-                          progress=False, log=lambda *a: None)
+    rows = _run(tmp_path, models=("resnet20",), data="sample", limit=100, importances=("l1",), macs=(0.3,),
+                scope="local", finetune_epochs=1, train_limit=64, train_data="train" if have_train else "sample",
+                finetune_batch_size=16)
     assert len(rows) == 1
     _check_rows(rows, finetuned=True)
     for f in FILES:
@@ -118,9 +121,9 @@ def _image_folder(root):
 def test_imagenet_code_path_random_weights(tmp_path):
     data = _image_folder(tmp_path / "imagenet")
     out = tmp_path / "out"
-    rows = structured.run(models=("imagenet:resnet18",), imagenet_dir=data, image_size=32,
-                          importances=("path-metric",), ratios=(0.25,), scope="global", out=out,
-                          finetune_epochs=1, finetune_batch_size=4, workers=0, progress=False, log=lambda *a: None)
+    rows = _run(out, models=("imagenet:resnet18",), imagenet_dir=str(data), image_size=32,
+                importances=("path-metric",), macs=(0.3,), scope="global", finetune_epochs=1, finetune_batch_size=4,
+                train_data="train", bn_images=8)
     assert len(rows) == 1 and rows[0]["model"] == "imagenet:resnet18"
     _check_rows(rows, finetuned=True)
     for f in FILES:
@@ -131,4 +134,34 @@ def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         structured.main(["--help"])
     assert e.value.code == 0
-    assert "--iterative-steps" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--iterative-steps" in text and "--macs" in text and "--no-reestimate-bn" in text
+
+
+@pytest.mark.parametrize("importance, scope", [("l1", "global"), ("path-metric", "global"), ("random", "local")])
+def test_bisection_reaches_the_target_macs(importance, scope):
+    c = structured.Config(data="sample", limit=8, **{**QUIET, "bisection_steps": 12, "macs_tolerance": 0.01})
+    spec = structured.load_spec("resnet20", c, log=lambda *a: None)
+    macs0 = structured.costs(spec.model, spec.input_shape, spec.frozen)[0]
+    for target in (0.3, 0.5):
+        p = structured.prune_to_macs(spec, importance, scope, target, c)
+        # the MACs removed are recounted independently on the returned model, at the returned ratio
+        macs = structured.costs(p.model, spec.input_shape, structured.frozen_shortcut_convs(p.model))[0]
+        assert macs == p.macs and abs((1 - macs / macs0) - target) <= 0.01, (importance, scope, target, p.ratio)
+        again, _ = structured.prune(spec, importance, scope, p.ratio, c)
+        assert structured.costs(again, spec.input_shape, structured.frozen_shortcut_convs(again))[0] == macs
+    with pytest.raises(ValueError, match="MACs removed"):
+        structured.prune_to_macs(spec, importance, scope, 1.2, c)
+
+
+def test_cached_scores_prune_exactly_as_fresh_ones():
+    """The bisection's score cache changes nothing: the same channels go at every ratio."""
+    c = structured.Config(data="sample", limit=8, **QUIET)
+    spec = structured.load_spec("resnet20", c, log=lambda *a: None)
+    cache = structured.ScoreCache(structured.make_importance("l2", spec.input_shape, "global"))
+    for ratio in (0.2, 0.4):
+        fresh = structured.prune(spec, "l2", "global", ratio, c)[1]
+        cached = structured.prune(spec, "l2", "global", ratio, c, scores=cache)[1]
+        assert all(torch.equal(fresh.out[k], cached.out[k]) for k in fresh.out)
+        assert all(torch.equal(fresh.inp[k], cached.inp[k]) for k in fresh.inp)
+    assert len(cache.scores) > 0

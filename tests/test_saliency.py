@@ -78,8 +78,8 @@ def test_prune_unstructured_through_torch_nn_utils_prune():
 def test_rescaling_attack_changes_magnitude_masks_but_not_path_magnitude_masks():
     m = resnet20().eval()
     r = ps.random_rescale(m, generator=torch.Generator().manual_seed(0))
-    _, pm = ps.prune_unstructured(m, 0.6, (3, 32, 32))
-    _, pm_r = ps.prune_unstructured(r, 0.6, (3, 32, 32))
+    _, pm = ps.prune_unstructured(m, 0.6, (3, 32, 32), criterion="path-magnitude")
+    _, pm_r = ps.prune_unstructured(r, 0.6, (3, 32, 32), criterion="path-magnitude")
     _, mg = ps.prune_unstructured(m, 0.6, criterion="magnitude")
     _, mg_r = ps.prune_unstructured(r, 0.6, criterion="magnitude")
     assert all(torch.equal(pm[k], pm_r[k]) for k in pm)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ import torch
 from . import __version__, path_metric, path_norm
 from .checkpoint import TRUST_HINT, load_checkpoint, load_state_dict, torch_load
 from .errors import PathSaliencyError
+from .pruning import CRITERIA
 from .zoo import SPEC_HELP, default_input_shape, load_model, weights_source
 
 REPORT_BATCH = 250  # ``report --data``: samples per batch
@@ -210,8 +212,8 @@ def cmd_metric(args):
         print(f"D = {result.value:.6g} (log10 = {result.log10:.6f}, {kind}); D / ||Phi|| = {result.relative:.3g}")
 
 
-def _report_data(spec, trust=False):
-    """``--data`` of ``report``: the CIFAR-10 sample/test/train set or a .pt file holding a tensor of inputs
+def _report_data(spec, trust=False, flag="--data"):
+    """``--data`` of ``report`` (and ``--calibration`` of ``prune``): the CIFAR-10 sample/test/train set or a .pt file holding a tensor of inputs
     (optionally with labels, as a pair), in batches of ``REPORT_BATCH``."""
     splits = {"cifar10-sample": ("test", "sample"), "cifar10-test": ("test", "auto"), "cifar10-train": ("train", "auto")}
     if spec in splits:
@@ -221,21 +223,21 @@ def _report_data(spec, trust=False):
         try:
             from pathsaliency.recipes.cifar10 import cifar10
         except ImportError as exc:
-            raise ValueError(f"--data {spec} needs the recipes extras: pip install 'pathsaliency[recipes]' ({exc})") from exc
+            raise ValueError(f"{flag} {spec} needs the recipes extras: pip install 'pathsaliency[recipes]' ({exc})") from exc
         try:
             dataset = cifar10(split, source=source)
         except (OSError, RuntimeError) as exc:
-            raise ValueError(f"--data {spec}: could not load the data set ({exc})") from exc
+            raise ValueError(f"{flag} {spec}: could not load the data set ({exc})") from exc
         return DataLoader(dataset, batch_size=REPORT_BATCH, shuffle=False)
     if not Path(spec).is_file():
-        raise ValueError(f"--data {spec!r}: expected cifar10-sample, cifar10-test, cifar10-train or the path of a "
+        raise ValueError(f"{flag} {spec!r}: expected cifar10-sample, cifar10-test, cifar10-train or the path of a "
                          ".pt file holding a tensor of inputs")
-    obj = torch_load(spec, trust, what="--data")
+    obj = torch_load(spec, trust, what=flag)
     labels = None
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(torch.is_tensor(t) for t in obj):
         obj, labels = obj
     if not torch.is_tensor(obj) or obj.dim() < 2 or not obj.is_floating_point() or obj.shape[0] == 0:
-        raise ValueError(f"--data {spec}: expected a non-empty floating-point tensor of inputs (batch first)")
+        raise ValueError(f"{flag} {spec}: expected a non-empty floating-point tensor of inputs (batch first)")
     if labels is None:
         return [obj[i:i + REPORT_BATCH] for i in range(0, obj.shape[0], REPORT_BATCH)]
     return [(obj[i:i + REPORT_BATCH], labels[i:i + REPORT_BATCH]) for i in range(0, obj.shape[0], REPORT_BATCH)]
@@ -263,7 +265,7 @@ def cmd_report(args):
 
 
 def cmd_prune(args):
-    from .pruning import prune_unstructured
+    from .pruning import prune_unstructured, resolve_criterion
 
     _writable_file(args.save)
     shape = _input_shape(args, args.model)
@@ -272,8 +274,13 @@ def cmd_prune(args):
         steps("load")
         model = _model(args, args.model, args.checkpoint)
         steps("score and prune")
+        calibration = None
+        if args.calibration is not None:
+            batches = _report_data(args.calibration, args.trust_checkpoint, flag="--calibration")
+            calibration = list(itertools.islice(batches, args.calibration_batches))
+        args.criterion = resolve_criterion(args.criterion, model, calibration)
         pruned, _ = prune_unstructured(model, args.amount, shape, criterion=args.criterion, scope=args.scope,
-                                       dtype=getattr(torch, args.dtype))
+                                       calibration=calibration, dtype=getattr(torch, args.dtype))
         steps("certify")
         d = path_metric(model, pruned, shape)
         steps("save")
@@ -341,12 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress(p)
     p.set_defaults(func=cmd_report)
 
-    p = command("prune", "unstructured pruning by path-magnitude (or magnitude); saves the pruned state dict and "
-                         "prints the certified distance to the original")
+    p = command("prune", "unstructured pruning by a rescaling-invariant criterion (or magnitude); saves the pruned "
+                         "state dict and prints the certified distance to the original")
     _add_model(p, dtype="float32", dtype_help="precision of the path-magnitude scores (the certified D is float64)")
     p.add_argument("--amount", type=_fraction, required=True, help="fraction of conv/linear weights to remove, in [0, 1]")
-    p.add_argument("--criterion", choices=["path-magnitude", "magnitude"], default="path-magnitude",
-                   help="score of a weight: the path-metric lost by removing it, or |w|")
+    p.add_argument("--criterion", choices=("auto",) + CRITERIA, default="auto",
+                   help="score of a weight (README, 'Choosing a criterion'); auto: norm-balanced-lamp on batch-norm "
+                        "networks, else wanda-lamp with --calibration, else balanced-fan")
+    p.add_argument("--calibration", metavar="DATA", help="inputs for the data-aware criteria, as report's --data: "
+                                                         "cifar10-sample, cifar10-train, cifar10-test or a .pt file")
+    p.add_argument("--calibration-batches", type=_positive, default=4,
+                   help=f"use the first N batches of {REPORT_BATCH} calibration samples (default: 4)")
     p.add_argument("--scope", choices=["global", "local"], default="global",
                    help="rank the scores over all weights together, or per tensor")
     p.add_argument("--save", required=True, metavar="FILE", help="where to write the pruned state dict")

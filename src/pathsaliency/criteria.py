@@ -32,6 +32,35 @@ that start at the batch-norm shift count in ``i``'s mass), summed over the posit
   invariant scores), and it keeps every layer's largest weights.
 * ``path-lamp``: LAMP of the path-magnitude scores.
 
+* ``norm-balanced`` ``n(w_ij) = |W_ij| sqrt(|gamma_j| / ||W_:j||)``: plain magnitude on the *norm-balanced*
+  representative of the rescaling orbit, where every rescalable hidden channel ``j`` has as much weight
+  going in (its batch-norm's ``|gamma_j|``) as going out (``||W_:j||_2``, the l2 norm of the columns of
+  every conv/linear reading it); rows of batch-norm-followed layers are compared as trained (the gauge
+  the batch-norm fixes), the model input and residual sums are not rescalable (factor 1). Rescaling ``j``
+  by ``lam`` multiplies ``gamma_j`` by ``lam`` and divides ``W_:j`` by it: the factor absorbs both
+  (exactly, for powers of two). Weight decay drives a trained network towards this balance (the loss is
+  flat along the orbit, the decay is not), which is why magnitude works on trained networks and fails
+  after a rescaling. Defined when every rescalable channel's producer is followed by a batch-norm
+  its readers' rows are not themselves rescaled (ResNets, VGG-BN, DenseNets); other models are refused
+  with the channel named.
+* ``norm-balanced-lamp``: LAMP of ``norm-balanced`` (global pruning).
+
+Data-aware (they need ``calibration`` inputs, e.g. the images used to re-estimate batch-norm statistics):
+
+* ``wanda`` ``a(w_ij) = |W_ij| rms(x_j) / r(i)``: the weight's typical contribution ``|W_ij x_j|`` to its
+  output (Sun et al. 2023's |W| ||X||), with ``x_j`` the layer's input channel ``j`` on the calibration
+  data (root mean square over samples and positions) and ``W`` the weight as the module holds it (before
+  batch-norm folding). Invariance: rescaling a hidden channel ``j`` by ``lam`` multiplies ``x_j`` by ``lam``
+  and divides ``W_ij`` by it. On the output side, a conv/linear followed by a batch-norm is rescaled
+  through the batch-norm's ``gamma`` and ``beta``, which leave ``W`` unchanged: its rows are compared as
+  the training left them (in the gauge the batch-norm fixes, where weight decay made small rows the
+  unimportant ones), ``r(i) = 1``. A rescalable hidden channel without a batch-norm has its row
+  multiplied by ``lam``: ``r(i) = rms(y_i)``, its output on the calibration data, cancels it. Every other
+  output (the network's outputs, a residual sum) is not rescalable: ``r(i) = 1``. With power-of-two
+  factors every activation scales exactly, so the masks are bit-identical.
+* ``wanda-lamp``: LAMP of the ``wanda`` scores (global pruning: the raw scores' scale differs from layer
+  to layer, as the activations' does).
+
 Every criterion returns ``{weight name: score}`` in the shape of the weight, higher = keep.
 
 Structured use (not implemented here): a channel's score would be the sum of ``balanced-fan`` over the
@@ -41,27 +70,43 @@ masks take these scores as they are (``masks_from_scores``).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
 from . import steps
 from .lifting import compute_dtype, lift
 from .profile import profile
+from .params import qualified
+from .rescale import rescalable_channels
 from .saliency import _step_of, path_magnitude
 
-INVARIANT_CRITERIA = ("balanced-fan", "balanced", "balanced-lamp", "path-lamp")
+DATA_CRITERIA = ("wanda-lamp", "wanda")
+INVARIANT_CRITERIA = DATA_CRITERIA + ("norm-balanced-lamp", "norm-balanced", "balanced-fan", "balanced", "balanced-lamp",
+                                      "path-lamp")
 
 
 def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, output=None,
-                     dtype=torch.float32) -> dict:
-    """``{name: score}`` of ``criterion`` (one of :data:`INVARIANT_CRITERIA`) for the weights ``names``."""
+                     dtype=torch.float32, calibration=None) -> dict:
+    """``{name: score}`` of ``criterion`` (one of :data:`INVARIANT_CRITERIA`) for the weights ``names``;
+    the data-aware ones (:data:`DATA_CRITERIA`) read ``calibration``: a tensor of inputs, or an iterable of
+    input batches or ``(input, target)`` batches."""
     if criterion not in INVARIANT_CRITERIA:
         raise ValueError(f"criterion must be one of {INVARIANT_CRITERIA}, got {criterion!r}")
+    plan = lift(model, output).plan
+    restrict({n: None for n in names if plan.module_steps(n.rpartition(".")[0])}, names, criterion)
+    if criterion in DATA_CRITERIA:
+        if calibration is None:
+            raise ValueError(f"{criterion} is data-aware: pass calibration=<a tensor of inputs or an iterable of "
+                             "batches>, e.g. the images used to re-estimate batch-norm statistics")
+        scores = wanda_scores(model, names, calibration, output=output)
+        return {n: lamp(s) for n, s in scores.items()} if criterion == "wanda-lamp" else scores
+    if criterion.startswith("norm-balanced"):
+        scores = norm_balanced_scores(model, names, output=output)
+        return {n: lamp(s) for n, s in scores.items()} if criterion == "norm-balanced-lamp" else scores
     pm = path_magnitude(model, input_shape, output=output, dtype=dtype)
-    missing = [n for n in names if n not in pm]
-    if missing:
-        raise ValueError(f"weights {missing} do not reach the output: {criterion} cannot score them")
-    pm = {n: pm[n] for n in names}
+    pm = restrict(pm, names, criterion)
     if criterion == "path-lamp":
         return {n: lamp(s) for n, s in pm.items()}
     scores = balanced_scores(model, input_shape, pm, output=output, dtype=dtype)
@@ -71,6 +116,126 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
     if criterion == "balanced-lamp":
         return {n: lamp(s) for n, s in scores.items()}
     return scores
+
+
+def norm_balanced_scores(model: nn.Module, names, *, output=None) -> dict:
+    """``|W_ij| sqrt(|gamma_j| / ||W_:j||)`` for the conv/linear weights ``names`` (see the module
+    docstring); factor 1 on the columns of channels that are not rescalable."""
+    params = dict(model.named_parameters())
+    out = {n: params[n].detach().abs().to(torch.float64) for n in names}
+    channels = rescalable_channels(lift(model, output).plan)
+    missing = _without_batchnorm(channels, params)
+    if missing:
+        raise ValueError(f"norm-balanced needs a batch-norm with affine parameters after every rescalable layer; "
+                         f"'{missing[0]}' has none: use wanda-lamp or balanced-fan")
+    for step, consumers in channels:
+        gamma = params[qualified(step.bn, "weight")].detach().abs().to(torch.float64)
+        out_sq = torch.zeros_like(gamma)
+        for s, flat in consumers:
+            w = params[qualified(s.module, "weight")].detach().to(torch.float64)
+            out_sq += _per_input_channel(s, w * w, flat, len(gamma))
+        ratio = torch.where(out_sq > 0, gamma / out_sq.sqrt().where(out_sq > 0, torch.ones_like(out_sq)),
+                            torch.zeros_like(gamma))
+        for s, flat in consumers:
+            name = qualified(s.module, "weight")
+            if name in out:
+                s.scale_inputs(out[name], ratio.sqrt().to(out[name].device), flat)
+    return {n: v.to(params[n].dtype) for n, v in out.items()}
+
+
+def norm_balanced_defined(model: nn.Module, output=None) -> bool:
+    """Whether ``norm-balanced`` is defined for ``model``: every rescalable layer has an affine batch-norm."""
+    return not _without_batchnorm(rescalable_channels(lift(model, output).plan), dict(model.named_parameters()))
+
+
+def _without_batchnorm(channels, params) -> list:
+    return [step.module for step, _ in channels if step.bn is None or qualified(step.bn, "weight") not in params]
+
+
+def _per_input_channel(step, t, flat, channels):
+    """``sum`` of the non-negative weight tensor ``t`` of ``step`` over everything but the input channel
+    (``channels`` of them; ``flat``: a linear layer reading a flattened ``(C, *spatial)`` tensor)."""
+    if isinstance(step, steps.LinearStep):
+        return t.sum(0).view(channels, -1).sum(1)
+    if isinstance(step, steps.ConvTransposeStep):  # (in, out / groups, *k)
+        return t.sum([d for d in range(t.dim()) if d != 0])
+    g = step.conv.groups  # (out, in / groups, *k): input channel c = group * (in / groups) + local
+    per = t.shape[1]
+    return t.view(g, t.shape[0] // g, per, -1).sum((1, 3)).reshape(g * per)
+
+
+def restrict(scores: dict, names, criterion: str) -> dict:
+    """``scores`` of the weights ``names``; an error pointing to ``exclude=`` for those it lacks (weights
+    that do not reach the output carry no path)."""
+    missing = [n for n in names if n not in scores]
+    if missing:
+        raise ValueError(f"weights {missing} do not reach the output: {criterion} cannot score them; leave them "
+                         f"out of pruning with exclude=lambda name, weight: name in {set(missing)!r}")
+    return {n: scores[n] for n in names}
+
+
+def wanda_scores(model: nn.Module, names, calibration, *, output=None) -> dict:
+    """``|W_ij| rms(x_j) / r(i)`` for the conv/linear weights ``names`` (see the module docstring), from
+    one pass of an eval-mode copy of ``model`` over ``calibration``."""
+    lifted = lift(model, output)
+    rescalable = {step.module for step, _ in rescalable_channels(lifted.plan) if step.bn is None}
+    probe = copy.deepcopy(model).eval()
+    modules = dict(probe.named_modules())
+    sums, hooks = {}, []
+
+    def record(key, t, dim):
+        t = t.detach().to(torch.float64)
+        dim = dim % t.dim()
+        sq = (t * t).sum([d for d in range(t.dim()) if d != dim])
+        total, count = sums.get(key, (0, 0))
+        sums[key] = (total + sq, count + t.numel() // t.shape[dim])
+
+    def hook(mname, dim):
+        def on_forward(mod, args, out):
+            record((mname, "in"), args[0], dim)
+            if mname in rescalable:
+                record((mname, "out"), out, dim)
+        return on_forward
+
+    steps_of = {}
+    for name in names:
+        mname = name.rpartition(".")[0]
+        step = steps_of[name] = _step_of(lifted, mname)
+        hooks.append(modules[mname].register_forward_hook(hook(mname, step.channel_dim)))
+    with torch.no_grad():
+        for batch in _batches(calibration):
+            probe(batch)
+    for h in hooks:
+        h.remove()
+    out = {}
+    weights = dict(model.named_parameters())
+    for name in names:
+        mname, step = name.rpartition(".")[0], steps_of[name]
+        if (mname, "in") not in sums:
+            raise ValueError(f"'{mname}' was not called on the calibration data: wanda cannot score it")
+        w = weights[name].detach().abs().to(torch.float64)
+        step.scale_inputs(w, _rms(sums[(mname, "in")]).to(w.device))
+        if mname in rescalable:
+            r = _rms(sums[(mname, "out")]).to(w.device)
+            w = step.scale_outputs(w, torch.where(r > 0, 1 / r.where(r > 0, torch.ones_like(r)), torch.zeros_like(r)))
+        out[name] = w.to(weights[name].dtype)
+    return out
+
+
+def _rms(acc):
+    total, count = acc
+    return (total / count).sqrt()
+
+
+def _batches(calibration):
+    """Input batches of ``calibration`` (a tensor: batches of 256 rows; an iterable: its items, the first
+    element of tuples)."""
+    if torch.is_tensor(calibration):
+        for i in range(0, len(calibration), 256):
+            yield calibration[i:i + 256]
+        return
+    for item in calibration:
+        yield item[0] if isinstance(item, (tuple, list)) else item
 
 
 def balanced_scores(model, input_shape, pm: dict, *, output=None, dtype=torch.float32) -> dict:

@@ -16,6 +16,7 @@ import torch
 
 from .lifting import check_same_architecture, compute_dtype, lift
 from .norm import PathValue
+from .evaluate import input_bounds
 from .interpreter import coupled_pass
 from .precision import ieee_float32
 from .steps import Weights
@@ -156,7 +157,7 @@ def lipschitz_bound(model, other, x, *, output=None, dtype=torch.float64) -> tor
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError("x must be a batch of inputs (a tensor whose first dimension is the batch)")
     d = path_metric(model, other, x.shape[1:], output=output, dtype=dtype)
-    scale = x.detach().reshape(x.shape[0], -1).abs().amax(1).to(torch.float64).clamp_min(1.0).cpu()
+    scale = input_bounds(x)
     if d.log2 == -math.inf:
         return torch.zeros_like(scale)
     return torch.exp2(torch.log2(scale) + d.log2)

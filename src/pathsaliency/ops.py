@@ -26,7 +26,8 @@ The actions:
 
 :func:`action_for` looks a graph node up in the registry (``MODULES`` by module type, along its MRO;
 ``FUNCTIONS`` by the callable; ``METHODS`` by tensor-method name), whose entries build the node's action
-from its arguments or return a :class:`Refusal` with the reason. A miss is a refusal too: dispatch is on
+from its arguments or return a :class:`Refusal` with the reason (``REFUSED``: the operators refused by
+design, one row per reason with every spelling). A miss is a refusal too: dispatch is on
 the actual callable or module type, never on names. Parameterised operators (convolutions, linear
 layers, frozen batch-norm) are not here: their weights change from pass to pass, so
 :mod:`pathsaliency.steps` makes them affine steps.
@@ -644,76 +645,52 @@ METHODS["mean"] = _reduce(lambda x, *a, **k: x.mean(*a, **k), is_sum=False)
 METHODS["sum"] = _reduce(lambda x, *a, **k: x.sum(*a, **k), is_sum=True)
 
 
-# Refused: operators that look innocent but are not ReLU-DAG edges, with the reason the error gives -----
-for _cls, _reason in {
-    nn.ReLU6: "ReLU6 clips at 6: not positively homogeneous",
-    nn.Hardtanh: "hardtanh clips: not positively homogeneous",
-    nn.GELU: "GELU is not a ReLU",
-    nn.SiLU: "SiLU (swish) is not a ReLU",
-    nn.Sigmoid: "sigmoid is not a ReLU",
-    nn.Tanh: "tanh is not a ReLU",
-    nn.Hardswish: "hardswish is not a ReLU",
-    nn.Hardsigmoid: "hardsigmoid is not a ReLU",
-    nn.LeakyReLU: "leaky ReLU has a negative slope: not a ReLU",
-    nn.PReLU: "PReLU has a learned negative slope: not a ReLU",
-    nn.ELU: "ELU is not a ReLU",
-    nn.Mish: "Mish is not a ReLU",
-    nn.Softmax: "softmax is not a ReLU-DAG operator",
-    nn.LayerNorm: "LayerNorm divides by an input-dependent norm",
-    nn.GroupNorm: "GroupNorm divides by an input-dependent norm",
-    nn.InstanceNorm1d: "instance norm divides by an input-dependent norm",
-    nn.InstanceNorm2d: "instance norm divides by an input-dependent norm",
-    nn.LocalResponseNorm: "local response norm divides by an input-dependent norm",
-    nn.MultiheadAttention: "attention multiplies activations together",
-    nn.Bilinear: "a bilinear layer multiplies activations together",
-    nn.Embedding: "an embedding is a lookup, not a linear map of activations",
-}.items():
-    MODULES[_cls] = _refuse(_reason)
-for _fn, _reason in {
-    F.relu6: "ReLU6 clips at 6: not positively homogeneous",
-    F.hardtanh: "hardtanh clips: not positively homogeneous",
-    F.gelu: "GELU is not a ReLU",
-    F.silu: "SiLU (swish) is not a ReLU",
-    torch.sigmoid: "sigmoid is not a ReLU",
-    F.sigmoid: "sigmoid is not a ReLU",
-    torch.tanh: "tanh is not a ReLU",
-    F.hardswish: "hardswish is not a ReLU",
-    F.hardsigmoid: "hardsigmoid is not a ReLU",
-    F.leaky_relu: "leaky ReLU has a negative slope: not a ReLU",
-    F.softmax: "softmax is not a ReLU-DAG operator",
-    torch.softmax: "softmax is not a ReLU-DAG operator",
-    F.layer_norm: "LayerNorm divides by an input-dependent norm",
-    F.group_norm: "GroupNorm divides by an input-dependent norm",
-    F.batch_norm: "functional batch_norm: use an nn.BatchNorm module so that its statistics can be folded",
-    F.scaled_dot_product_attention: "attention multiplies activations together",
-    torch.matmul: "matmul of two activations multiplies activations together",
-    torch.bmm: "bmm of two activations multiplies activations together",
-    operator.matmul: "matmul of two activations multiplies activations together",
-    operator.sub: "subtraction is an edge of weight -1: fixed edges must be non-negative",
-    operator.isub: "subtraction is an edge of weight -1: fixed edges must be non-negative",
-    torch.sub: "subtraction is an edge of weight -1: fixed edges must be non-negative",
-    operator.neg: "negation is an edge of weight -1: fixed edges must be non-negative",
-    torch.neg: "negation is an edge of weight -1: fixed edges must be non-negative",
-    torch.exp: "exp is not a ReLU",
-    torch.abs: "abs is not positively homogeneous with a single ReLU",
-    torch.max: "an elementwise or global max is not a pooling window of the graph",
-    torch.clamp: "clamp clips: not positively homogeneous",
-    F.linear: "functional linear with a weight tensor: use nn.Linear so that its weight is a named parameter",
-    F.conv2d: "functional conv: use nn.Conv2d so that its weight is a named parameter",
-}.items():
-    FUNCTIONS[_fn] = _refuse(_reason)
-for _m, _reason in {
-    "sigmoid": "sigmoid is not a ReLU", "tanh": "tanh is not a ReLU", "softmax": "softmax is not a ReLU-DAG operator",
-    "sub": "subtraction is an edge of weight -1", "__sub__": "subtraction is an edge of weight -1",
-    "__rsub__": "subtraction is an edge of weight -1", "neg": "negation is an edge of weight -1",
-    "matmul": "matmul multiplies activations together", "bmm": "bmm multiplies activations together",
-    "exp": "exp is not a ReLU", "clamp": "clamp clips: not positively homogeneous",
-    "clamp_": "clamp clips: not positively homogeneous", "expand": "expand is not supported",
-}.items():
-    METHODS[_m] = _refuse(_reason)
-
+# Refused: operators that look innocent but are not ReLU-DAG edges. One row per reason, with every spelling
+# of the operator: a module type (MODULES), a callable (FUNCTIONS) or a tensor-method name (METHODS). ----
+_NOT_HOMOGENEOUS = "clips: not positively homogeneous"
+_INPUT_NORM = "divides by an input-dependent norm"
+_PRODUCT = "multiplies activations together"
+_NEGATIVE = "is an edge of weight -1: fixed edges must be non-negative"
+_MODULE_WEIGHT = "use the nn module so that its weight is a named parameter"
+REFUSED = {
+    "ReLU6 clips at 6: not positively homogeneous": (nn.ReLU6, F.relu6),
+    f"hardtanh {_NOT_HOMOGENEOUS}": (nn.Hardtanh, F.hardtanh),
+    f"clamp {_NOT_HOMOGENEOUS}": (torch.clamp, "clamp", "clamp_"),
+    "GELU is not a ReLU": (nn.GELU, F.gelu),
+    "SiLU (swish) is not a ReLU": (nn.SiLU, F.silu),
+    "sigmoid is not a ReLU": (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid"),
+    "tanh is not a ReLU": (nn.Tanh, torch.tanh, "tanh"),
+    "hardswish is not a ReLU": (nn.Hardswish, F.hardswish),
+    "hardsigmoid is not a ReLU": (nn.Hardsigmoid, F.hardsigmoid),
+    "leaky ReLU has a negative slope: not a ReLU": (nn.LeakyReLU, F.leaky_relu),
+    "PReLU has a learned negative slope: not a ReLU": (nn.PReLU,),
+    "ELU is not a ReLU": (nn.ELU,),
+    "Mish is not a ReLU": (nn.Mish,),
+    "exp is not a ReLU": (torch.exp, "exp"),
+    "abs is not positively homogeneous with a single ReLU": (torch.abs,),
+    "softmax is not a ReLU-DAG operator": (nn.Softmax, F.softmax, torch.softmax, "softmax"),
+    f"LayerNorm {_INPUT_NORM}": (nn.LayerNorm, F.layer_norm),
+    f"GroupNorm {_INPUT_NORM}": (nn.GroupNorm, F.group_norm),
+    f"instance norm {_INPUT_NORM}": (nn.InstanceNorm1d, nn.InstanceNorm2d),
+    f"local response norm {_INPUT_NORM}": (nn.LocalResponseNorm,),
+    "functional batch_norm: use an nn.BatchNorm module so that its statistics can be folded": (F.batch_norm,),
+    f"attention {_PRODUCT}": (nn.MultiheadAttention, F.scaled_dot_product_attention),
+    f"a bilinear layer {_PRODUCT}": (nn.Bilinear,),
+    f"matmul of two activations {_PRODUCT}": (torch.matmul, operator.matmul, "matmul"),
+    f"bmm of two activations {_PRODUCT}": (torch.bmm, "bmm"),
+    "an embedding is a lookup, not a linear map of activations": (nn.Embedding,),
+    f"subtraction {_NEGATIVE}": (operator.sub, operator.isub, torch.sub, "sub", "__sub__", "__rsub__"),
+    f"negation {_NEGATIVE}": (operator.neg, torch.neg, "neg"),
+    "an elementwise or global max is not a pooling window of the graph": (torch.max,),
+    f"functional linear with a weight tensor: {_MODULE_WEIGHT} (nn.Linear)": (F.linear,),
+    f"functional conv: {_MODULE_WEIGHT} (nn.Conv2d)": (F.conv2d,),
+    "expand is not supported": ("expand",),
+}
+for _reason, _spellings in REFUSED.items():
+    for _op in _spellings:
+        (METHODS if isinstance(_op, str) else MODULES if isinstance(_op, type) else FUNCTIONS)[_op] = _refuse(_reason)
 
 MODULES[nn.modules.batchnorm._NormBase] = _refuse("normalisation layer that is not a frozen batch-norm")
 FUNCTIONS[builtins.getattr] = lambda args, kwargs, is_value: Refusal(f"attribute '{args[1]}' of an activation")
 
-del _fn, _nd, _cls, _m, _reason, _name_  # loop variables of the registrations
+del _fn, _nd, _op, _spellings, _reason, _name_  # loop variables of the registrations

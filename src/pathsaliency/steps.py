@@ -4,7 +4,7 @@ A step reads one activation and holds the names of the tensors its ``(W, b)`` is
 transposed conv or linear module (optionally with the frozen batch-norm folded into it, MATH.md
 section 1) or a standalone batch-norm (the diagonal step ``(s, t)``). Each class says how ``W`` acts
 (``linear``), how its bias broadcasts (``bias_view``), which dimension holds its channels
-(``channel_dim``), and how a per-channel factor multiplies its output channels (``scale_outputs``) or
+(``channel_dim`` of the activations, ``weight_dims`` of the weight), and how a per-channel factor multiplies its output channels (``scale_outputs``) or
 its input channels (``scale_inputs``). :class:`Weights` is one step's non-negative ``(|W|**q, |b|**q)``.
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Step:
     eps: float = 0.0
 
     channel_dim = 1  # the dimension of the output (and input) tensor that holds the channels
+    weight_dims = (0, 1)  # (output-channel dim, input-channel dim or None) of the weight tensor
 
     @property
     def name(self) -> str:
@@ -87,6 +88,8 @@ class ConvStep(Step):
 class ConvTransposeStep(Step):
     """``nn.ConvTranspose1d/2d/3d``: weight ``(in, out / groups, *k)``."""
 
+    weight_dims = (1, 0)
+
     _FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
     def linear(self, x, weight):
@@ -125,6 +128,8 @@ class LinearStep(Step):
 class BatchNormStep(Step):
     """A standalone frozen batch-norm: the diagonal step ``x * s + t`` (its ``W`` is the vector ``s``)."""
 
+    weight_dims = (0, None)
+
     def linear(self, x, weight):
         return x * weight.view((1, -1) + (1,) * (x.dim() - 2))
 
@@ -143,10 +148,18 @@ except ImportError:  # pragma: no cover
 AFFINE_MODULES = WEIGHT_MODULES + BATCHNORM_MODULES
 
 
+def step_class(mod: nn.Module) -> type | None:
+    """The :class:`Step` subclass of the affine module ``mod``, None if ``mod`` is not one of ``AFFINE_MODULES``."""
+    for types, cls in ((CONV_MODULES, ConvStep), (CONV_TRANSPOSE_MODULES, ConvTransposeStep),
+                       (LINEAR_MODULES, LinearStep), (BATCHNORM_MODULES, BatchNormStep)):
+        if isinstance(mod, types):
+            return cls
+    return None
+
+
 def step_for(node: fx.Node, mod: nn.Module) -> Step:
     """The step of a call of the affine module ``mod`` (one of ``AFFINE_MODULES``) at ``node``."""
-    for types, cls in ((CONV_MODULES, ConvStep), (CONV_TRANSPOSE_MODULES, ConvTransposeStep),
-                       (LINEAR_MODULES, LinearStep)):
-        if isinstance(mod, types):
-            return cls(node, node.args[0], node.target, None, mod)
-    return BatchNormStep(node, node.args[0], None, node.target, None, eps=float(mod.eps))
+    cls = step_class(mod)
+    if cls is BatchNormStep:
+        return BatchNormStep(node, node.args[0], None, node.target, None, eps=float(mod.eps))
+    return cls(node, node.args[0], node.target, None, mod)

@@ -23,26 +23,22 @@ import torch
 import torch.nn as nn
 
 from .errors import ArchitectureMismatchError, PathSaliencyError
+from .steps import step_class
 
 __all__ = ["embed_pruned", "zero_pruned", "channel_dims"]
 
-_CONV_T = nn.modules.conv._ConvTransposeNd
-
-
 def channel_dims(module: nn.Module):
-    """``(output-channel dim, input-channel dim)`` of ``module.weight`` (None for a batch-norm's input),
-    for the layers whose channels a structured pruner removes."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return 0, None
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups != 1:
-            raise PathSaliencyError(f"grouped convolution ({type(module).__name__}, groups={module.groups}): "
-                                    "the channels it keeps cannot be embedded index by index; only groups=1")
-        return (1, 0) if isinstance(module, _CONV_T) else (0, 1)
-    if isinstance(module, nn.Linear):
-        return 0, 1
-    raise PathSaliencyError(f"{type(module).__name__} is not a conv, linear or batch-norm layer: "
-                            "no channels to embed")
+    """``(output-channel dim, input-channel dim)`` of ``module.weight`` (None for a batch-norm's input): the
+    ``weight_dims`` of the module's affine step (:func:`pathsaliency.steps.step_class`). Grouped
+    convolutions are refused: their kept channels cannot be embedded index by index."""
+    step = step_class(module)
+    if step is None:
+        raise PathSaliencyError(f"{type(module).__name__} is not a conv, linear or batch-norm layer: "
+                                "no channels to embed")
+    if getattr(module, "groups", 1) != 1:
+        raise PathSaliencyError(f"grouped convolution ({type(module).__name__}, groups={module.groups}): "
+                                "the channels it keeps cannot be embedded index by index; only groups=1")
+    return step.weight_dims
 
 
 def _index(t, dims, kept):

@@ -7,16 +7,17 @@ removes ``D_l`` of the estimate ``sum_{l not in F} D_l`` of the certified distan
 of the result is computed exactly afterwards; ``D`` is subadditive over layers only approximately, so the
 sum is the objective, not the certificate).  The choice is the knapsack greedy by ``D_l / n_l``: layers
 carrying the most certified distance per weight stay float first, while the budget allows.
+:func:`keep_float_by_certificate` is the whole choice from a quantized model and the framework's read-back.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Sequence
 
 from torch import nn
 
 import pathsaliency
 
-__all__ = ["candidate_distances", "choose_float_layers", "float_layers_of_theta", "weight_size_bits"]
+__all__ = ["candidate_distances", "choose_float_layers", "keep_float_by_certificate", "weight_size_bits"]
 
 
 def weight_size_bits(reference: nn.Module, float_layers: Sequence[str], layers: Sequence[str], *, bits: int = 8,
@@ -78,8 +79,15 @@ def candidate_distances(reference: nn.Module, quantized, input_shape, *, output=
             and isinstance(getattr(reference.get_submodule(n), "weight", None), nn.Parameter)}
 
 
-def float_layers_of_theta(reference: nn.Module, quantized, input_shape, max_size: float, *, bits: int = 8,
-                          output=None) -> List[str]:
-    """:func:`choose_float_layers` over :func:`candidate_distances`."""
-    distances = candidate_distances(reference, quantized, input_shape, output=output)
+def keep_float_by_certificate(read_back: Callable, reference: nn.Module, compressed: nn.Module, input_shape,
+                              max_size: float, *, bits: int = 8, example_inputs=None, output=None) -> List[str]:
+    """The layers of ``reference`` to keep float so that the weight size is at most ``max_size`` times the
+    float size and the summed single-layer certified distance of the quantized rest is smallest.
+
+    ``compressed``: ``reference`` with every layer quantized to ``bits`` by a framework; ``read_back``: that
+    framework's ``effective_theta(compressed, reference, example_inputs=...)``. :func:`choose_float_layers`
+    over :func:`candidate_distances` of the read-back (only layers whose weight changed are candidates).
+    """
+    theta = read_back(compressed, reference, example_inputs=example_inputs)
+    distances = candidate_distances(reference, theta, input_shape, output=output)
     return choose_float_layers(reference, distances, max_size, bits=bits)

@@ -1,9 +1,10 @@
-"""Helpers shared by the quantization adapters (framework-free).
+"""The effective weights of a quantized model, keyed by the float reference's names (framework-free).
 
-The adapters turn a framework's quantized model into a plain mapping
-``{parameter name of the float reference model: float32 tensor}``.  These
-helpers build that mapping against the reference model, check it, and load it
-into a copy of the reference.
+Contract shared by the NNCF and INC read-backs: ``effective_weights`` is ``{every parameter name of the
+reference (tied ones under each name) and its floating-point buffers: float32 tensor of the reference's
+shape}``, the values the quantized model computes with (:func:`assemble_weights`, :func:`reference_state`);
+buffers the framework does not change must equal the reference's (:func:`check_buffers`);
+:func:`load_effective_weights` puts the mapping into a copy of the reference (the weights-only model).
 """
 from __future__ import annotations
 

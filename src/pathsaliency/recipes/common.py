@@ -1,5 +1,6 @@
-"""What every recipe shares: decoded data held as tensors, batched inference, seeds, and tables
-written as CSV, Markdown and JSON."""
+"""What every recipe shares: decoded data held as tensors, batched inference, top-1, seeds, batch-norm
+re-estimation, tables written as CSV, Markdown and JSON (:func:`write_table`) and robustness reports
+(:func:`write_report`)."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,9 @@ import random
 from pathlib import Path
 
 import torch
+
+from pathsaliency.evaluate import deviation  # noqa: F401 (the recipes' per-sample ||R_theta(x) - R_theta'(x)||_1)
+from pathsaliency.evaluate import outputs
 
 
 def seed_everything(seed: int):
@@ -31,19 +35,15 @@ def as_tensors(dataset, batch_size=500, workers=0, progress=False, desc="decode"
     return torch.cat(xs), torch.cat(ys)
 
 
-@torch.no_grad()
 def predict(model, X, batch_size=500, device="cpu"):
-    """Outputs of ``model`` (evaluated as is: call ``.eval()`` first) on every row of ``X``."""
-    return torch.cat([model(X[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)])
+    """Outputs (float32, on the CPU) of ``model`` on every row of ``X``, in batches of ``batch_size`` on
+    ``device``: :func:`pathsaliency.evaluate.outputs` (eval mode, no TF32; the model itself never moves)."""
+    chunks = [X[i:i + batch_size] for i in range(0, len(X), batch_size)]
+    return outputs(model, chunks, device=device, progress=False).outputs.float()
 
 
 def top1(logits, Y) -> float:
     return 100.0 * (logits.argmax(1) == Y).float().mean().item()
-
-
-def deviation(ref_logits, logits):
-    """Per-sample ``||R_theta(x) - R_theta'(x)||_1``."""
-    return (ref_logits.double() - logits.double()).abs().sum(1)
 
 
 def write_table(rows: list, out: Path, stem: str, title: str, columns=None, formats=None) -> dict:
@@ -61,6 +61,15 @@ def write_table(rows: list, out: Path, stem: str, title: str, columns=None, form
         json.dump(rows, f, indent=1)
     paths["md"].write_text(markdown_table(rows, columns, formats, title))
     return paths
+
+
+def write_report(report, directory: Path) -> None:
+    """Write a :class:`pathsaliency.RobustnessReport` as ``report.json``, ``report.md`` and ``report.png``
+    under ``directory`` (created)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "report.json").write_text(report.to_json())
+    (directory / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+    report.plot(directory / "report.png")
 
 
 def markdown_table(rows, columns, formats, title=None) -> str:

@@ -1,4 +1,4 @@
-"""The main job: ``pathsaliency demo``.
+"""``pathsaliency demo``: the unstructured recipe on the packaged data, and one robustness report.
 
 Runs with no network and no data beyond the package: the pretrained CIFAR-10 ResNet-20 and 1,000 real
 CIFAR-10 test images ship inside it. It prunes the network at 10-80 % global sparsity by path-magnitude,
@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 from . import unstructured
+from .common import write_report
 
 CRITERIA = ("path-magnitude", "balanced-fan", "magnitude", "magnitude (rescaled)", "path-magnitude (rescaled)",
             "balanced-fan (rescaled)")
 
 
 def run_demo(out="out/demo", limit=None, progress=True, log=print):
+    """Run the demo (see the module docstring) into ``out``; returns the unstructured recipe's rows."""
     start = time.perf_counter()
     out = Path(out)
     config = unstructured.Config(models=("resnet20",), data="sample", limit=limit, criteria=CRITERIA,
@@ -48,10 +50,8 @@ def _report(out, limit, log):
 
     X, Y = unstructured.load_data("sample", limit)
     ref = load_cifar_resnet("resnet20")
-    pruned, _ = prune_unstructured(ref, 0.4, unstructured.INPUT_SHAPE)
+    pruned, _ = prune_unstructured(ref, 0.4, unstructured.INPUT_SHAPE, criterion="path-magnitude")
     report = robustness_report(ref, pruned, [(X[i:i + 500], Y[i:i + 500]) for i in range(0, len(X), 500)],
                                input_shape=unstructured.INPUT_SHAPE, name="resnet20, path-magnitude 40%")
-    (out / "report.json").write_text(report.to_json())
-    (out / "report.md").write_text(report.to_markdown(), encoding="utf-8")
-    report.plot(out / "report.png")
+    write_report(report, out)
     log(f"robustness report of resnet20 pruned to 40% by path-magnitude: {out / 'report.md'}, report.json, report.png")

@@ -2,13 +2,14 @@
 users who have ImageNet (and internet for torchvision's weights).
 
 The same comparison as the CIFAR-10 recipe, through its :func:`~pathsaliency.recipes.unstructured.compare`:
-``path-magnitude`` and ``magnitude`` on the network, ``magnitude (rescaled)`` and ``path-magnitude
-(rescaled)`` on a function-preserving random rescaling of it, at each global sparsity, with top-1, the
+each criterion of ``--criteria`` (default: the CIFAR-10 recipe's ``DEFAULT_CRITERIA``) on the network or,
+``<criterion> (rescaled)``, on a function-preserving random rescaling of it, at each global sparsity, with top-1, the
 certified path-metric ``D`` (exact: pruning is a dominated pair), the certified bound
 ``max(1, ||x||_inf) * D`` and the observed deviation, checked on every image (a violation stops the run).
 
 Data: an ImageFolder root (``--data DIR``) holding ``val/<class>/<image>`` (and ``train/<class>/<image>``
-for ``--finetune-after-epochs``), evaluated at ``--image-size`` (resize to 256/224 of it, centre crop,
+for ``--finetune-after-epochs`` and for the data-aware criteria: ``--calibration-size`` of its images calibrate
+``wanda-lamp``), evaluated at ``--image-size`` (resize to 256/224 of it, centre crop,
 ImageNet normalisation). With ``--pretrained`` (torchvision's DEFAULT weights, downloaded once), ``val/``
 must hold the 1,000 ImageNet class folders (``n01440764`` ...): their sorted order is torchvision's class
 index. Without it the network has random weights and one output per class folder: the code path is
@@ -20,20 +21,54 @@ exercised, the accuracies mean nothing. Up to ``--max-memory-gb`` of decoded ima
 """
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 
 from . import unstructured
 from .cifar10 import _interleave
+from pathsaliency.criteria import DATA_CRITERIA
+
 from .common import as_tensors, seed_everything, write_table
+from . import harness
 from .training import finetune
 
 MODELS = ("resnet18", "resnet50")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Config:
+    """One ImageNet comparison (every field is a command-line option)."""
+
+    data: str = field(metadata={"help": "ImageFolder root with val/ (and train/ for fine-tuning)"})
+    model: str = "resnet18"
+    pretrained: bool = field(default=False, metadata={"help": "torchvision's DEFAULT weights (needs internet once)"})
+    image_size: int = 224
+    limit: Optional[int] = field(default=None, metadata={"help": "use only the first N validation images "
+                                                                 "(class-balanced)"})
+    batch_size: int = 64
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1), metadata={"help": "DataLoader workers"})
+    sparsities: Tuple[float, ...] = (0.1, 0.2, 0.4, 0.6, 0.8)
+    criteria: Tuple[str, ...] = unstructured.DEFAULT_CRITERIA
+    factors: Tuple[float, ...] = (1, 128, 4096)
+    calibration_size: int = field(default=256, metadata={"help": "train/ images (class-balanced, not augmented) "
+                                                                 "for the data-aware criteria (wanda-lamp)"})
+    finetune_after_epochs: int = field(default=0, metadata={"help": "fine-tune each pruned network on train/ "
+                                                                    "(masks kept)"})
+    train_limit: Optional[int] = field(default=None, metadata={"help": "use only N training images for fine-tuning"})
+    lr: float = field(default=0.001, metadata={"help": "fine-tuning learning rate"})
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", metadata={
+        "help": "where the networks are evaluated and fine-tuned (certificates: on the CPU)"})
+    max_memory_gb: float = field(default=2.0, metadata={"help": "hold the decoded validation images in memory up "
+                                                                "to this size"})
+    seed: int = 0
+    out: str = "out/imagenet"
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
 def transform(image_size: int = 224, train: bool = False):
@@ -78,7 +113,7 @@ def load_model(name: str, pretrained: bool = False, num_classes: int = 1000):
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes).eval()
 
 
-def evaluation_data(dataset, batch_size=64, workers=4, max_memory_gb=2.0, progress=False):
+def evaluation_data(dataset, *, batch_size=64, workers=4, max_memory_gb=2.0, progress=False):
     """What :func:`unstructured.compare` evaluates on: the decoded ``(X, Y)`` tensors if they take at most
     ``max_memory_gb``, else a DataLoader (the images are then decoded again for every network)."""
     x0, _ = dataset[0]
@@ -87,37 +122,38 @@ def evaluation_data(dataset, batch_size=64, workers=4, max_memory_gb=2.0, progre
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
-def run(model="resnet18", data=None, pretrained=False, image_size=224, limit=None, batch_size=64, workers=4,
-        sparsities=(0.1, 0.2, 0.4, 0.6, 0.8), criteria=unstructured.DEFAULT_CRITERIA, factors=(1, 128, 4096),
-        finetune_after_epochs=0, train_limit=None, lr=0.001, device="cpu", max_memory_gb=2.0, seed=0,
-        out="out/imagenet", progress=True, log=print):
-    """Run the comparison on one torchvision ResNet; returns the rows (also written to ``out`` as
+def run(config: Config, log=print):
+    """Run the comparison on one torchvision ResNet; returns the rows (also written to ``config.out`` as
     ``imagenet.{csv,md,json,png}``)."""
-    if data is None:
-        raise ValueError("data: the ImageFolder root holding val/<class>/<image> is required")
-    seed_everything(seed)
-    out = Path(out)
-    val = image_folder(data, "val", image_size, limit=limit)
+    c = config
+    seed_everything(c.seed)
+    out = Path(c.out)
+    val = image_folder(c.data, "val", image_size=c.image_size, limit=c.limit)
     classes = len(val.classes)
-    if pretrained and classes != 1000:
-        log(f"pathsaliency: {data}/val has {classes} class folders, not ImageNet's 1,000: the labels do not match "
-            "the pretrained outputs, top-1 is meaningless (the certified bounds still hold)")
-    net = load_model(model, pretrained, 1000 if pretrained else classes)
-    input_shape = (3, image_size, image_size)
+    if c.pretrained and classes != 1000:
+        log(f"pathsaliency: {c.data}/val has {classes} class folders, not ImageNet's 1,000: the labels do not "
+            "match the pretrained outputs, top-1 is meaningless (the certified bounds still hold)")
+    net = load_model(c.model, c.pretrained, 1000 if c.pretrained else classes)
+    input_shape = (3, c.image_size, c.image_size)
     after = None
-    if finetune_after_epochs:
-        train = image_folder(data, "train", image_size, train=True, limit=train_limit)
+    if c.finetune_after_epochs:
+        train = image_folder(c.data, "train", image_size=c.image_size, train=True, limit=c.train_limit)
 
         def after(pruned, masks):
-            tuned = finetune(pruned, train, finetune_after_epochs, lr=lr, batch_size=batch_size, masks=masks,
-                             device=device, workers=workers, seed=seed, progress=progress)
+            tuned = finetune(pruned, train, c.finetune_after_epochs, lr=c.lr, batch_size=c.batch_size, masks=masks,
+                             device=c.device, workers=c.workers, seed=c.seed, progress=c.progress)
             return tuned.to("cpu")
 
-    X = evaluation_data(val, batch_size, workers, max_memory_gb, progress)
-    rows = unstructured.compare(model, net, X, input_shape, sparsities, criteria, factors, seed=seed,
-                                finetune_after=after, device=device, progress=progress, log=log)
-    weights = "torchvision DEFAULT weights" if pretrained else "random weights"
-    what = f"{model}, {weights}, {len(val)} {data_name(data)} val images at {image_size}px"
+    calibration = None
+    if any(unstructured.CRITERIA[name][0] in DATA_CRITERIA for name in c.criteria):
+        calibration = as_tensors(image_folder(c.data, "train", c.image_size, limit=c.calibration_size))[0]
+    X = evaluation_data(val, batch_size=c.batch_size, workers=c.workers, max_memory_gb=c.max_memory_gb,
+                        progress=c.progress)
+    rows = unstructured.compare(c.model, net, X, input_shape, sparsities=c.sparsities, criteria=c.criteria,
+                                factors=c.factors, seed=c.seed, finetune_after=after, calibration=calibration,
+                                device=c.device, progress=c.progress, log=log)
+    weights = "torchvision DEFAULT weights" if c.pretrained else "random weights"
+    what = f"{c.model}, {weights}, {len(val)} {data_name(c.data)} val images at {c.image_size}px"
     paths = write_table(rows, out, "imagenet", f"Unstructured pruning on ImageNet ({what})", unstructured.COLUMNS,
                         unstructured.FORMATS)
     unstructured.plot(rows, out / "imagenet.png", f"({what})")
@@ -129,38 +165,9 @@ def data_name(root) -> str:
     return Path(root).expanduser().name or str(root)
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m pathsaliency.recipes.imagenet", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18", choices=list(MODELS))
-    p.add_argument("--pretrained", action="store_true", help="torchvision's DEFAULT weights (needs internet once)")
-    p.add_argument("--data", required=True, help="ImageFolder root with val/ (and train/ for fine-tuning)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--limit", type=int, help="use only the first N validation images (class-balanced)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.6, 0.8])
-    p.add_argument("--criteria", nargs="+", default=list(unstructured.DEFAULT_CRITERIA), choices=list(unstructured.CRITERIA))
-    p.add_argument("--factors", type=float, nargs="+", default=[1, 128, 4096])
-    p.add_argument("--finetune-after-epochs", type=int, default=0,
-                   help="fine-tune each pruned network on train/ (masks kept)")
-    p.add_argument("--train-limit", type=int, help="use only N training images for fine-tuning")
-    p.add_argument("--lr", type=float, default=0.001, help="fine-tuning learning rate")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the networks are evaluated and fine-tuned (certificates: on the CPU)")
-    p.add_argument("--max-memory-gb", type=float, default=2.0,
-                   help="hold the decoded validation images in memory up to this size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/imagenet")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 def main(argv=None):
-    a = build_parser().parse_args(argv)
-    run(a.model, a.data, a.pretrained, a.image_size, a.limit, a.batch_size, a.workers, a.sparsities, a.criteria,
-        a.factors, a.finetune_after_epochs, a.train_limit, a.lr, a.device, a.max_memory_gb, a.seed, a.out,
-        progress=not a.no_progress)
+    return harness.main(Config, run, argv, prog="python -m pathsaliency.recipes.imagenet", description=__doc__,
+                        choices={"model": list(MODELS), "criteria": list(unstructured.CRITERIA)})
 
 
 if __name__ == "__main__":

@@ -43,18 +43,21 @@ Writes ``<out>/<model>[-pruned<NN>]-<method>/report.{json,md,png}`` (the robustn
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 
 from pathsaliency.models.cifar_resnet import load_cifar_resnet
 
 from .cifar10 import cifar10, in_ci
-from .common import as_tensors, seed_everything, write_table
+from .common import as_tensors, seed_everything, write_report, write_table
+from . import harness
+from .harness import figure, label, save
 from .unstructured import INPUT_SHAPE, load_data
 
 METHODS = {  # name -> what is quantized (the table's "quantized" column)
@@ -81,7 +84,29 @@ FORMATS = {"sparsity": ".2f", "quantized_weights": ".3g", "top1_reference": ".2f
 CALIBRATION_BATCH = 32  # INC static: images per calibration forward pass
 
 
-def calibration_images(size: int, data: str = "train", avoid: int = 0, progress=False, log=print):
+@dataclass
+class Config:
+    """One quantization run (every field is a command-line option)."""
+
+    models: Tuple[str, ...] = field(default=("resnet20",), metadata={"help": "cifar ResNets: resnet20 resnet32"})
+    methods: Tuple[str, ...] = tuple(METHODS)
+    prune_sparsity: Tuple[float, ...] = field(default=(0.0,), metadata={
+        "help": "global path-magnitude sparsities to prune to before quantizing; 0 = dense"})
+    data: str = field(default="test", metadata={"help": "evaluation images"})
+    limit: Optional[int] = field(default=None, metadata={"help": "use only the first N evaluation images"})
+    calibration_size: int = field(default=300, metadata={"help": "calibration images (NNCF, INC static)"})
+    calibration_data: str = field(default="train", metadata={
+        "help": "train: CIFAR-10 train split; sample: the packaged test sample as a stand-in"})
+    rtn_group_size: int = field(default=32, metadata={"help": "RTN group size (-1: one group per channel)"})
+    mixed_size: float = field(default=0.4, metadata={
+        "help": "mixed methods: the weights' size as a fraction of float, in [0.25, 1]"})
+    per_layer: bool = field(default=True, metadata={"help": "the per-layer breakdown of the reports"})
+    seed: int = 0
+    out: str = "out/quantization"
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+def calibration_images(size: int, data: str = "train", *, avoid: int = 0, progress=False, log=print):
     """``(X, description)``: ``size`` calibration images (normalised, no augmentation).
 
     ``data="train"``: the first ``size`` images (class-balanced order) of the CIFAR-10 train split, from the
@@ -112,7 +137,7 @@ def calibration_images(size: int, data: str = "train", avoid: int = 0, progress=
     return X, f"STAND-IN: packaged sample, {size} test images{overlap}"
 
 
-def quantize(method: str, model, X_cal, rtn_group_size: int = 32, mixed_size: float = 0.4):
+def quantize(method: str, model, X_cal, *, rtn_group_size: int = 32, mixed_size: float = 0.4):
     """``(quantized model, its effective theta, float layers)`` for ``method`` on a copy of ``model``.
 
     The theta is the integration's ``effective_theta``; ``float layers`` are the layers a mixed method kept
@@ -181,57 +206,59 @@ def _tag(name: str, sparsity: float) -> str:
     return name if sparsity == 0 else f"{name}-pruned{round(100 * sparsity):02d}"
 
 
-def run(models=("resnet20",), data="sample", methods=tuple(METHODS), prune_sparsities=(0.0,), calibration_size=300,
-        calibration_data="train", limit=None, rtn_group_size=32, per_layer=True, seed=0, out="out/quantization",
-        progress=True, log=print, mixed_size=0.4):
-    """Run every (model, sparsity, method); returns the rows (also written to ``out``, see the module doc)."""
+def run(config: Config = Config(), log=print):
+    """Run every (model, sparsity, method) of ``config``; returns the rows (also written to ``config.out``,
+    see the module doc)."""
     from pathsaliency import prune_unstructured, robustness_report
 
-    for m in methods:
+    c = config
+    for m in c.methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {list(METHODS)}")
-    for sp in prune_sparsities:
+    for sp in c.prune_sparsity:
         if not 0 <= sp < 1:
             raise ValueError(f"a pruning sparsity is in [0, 1), got {sp}")
-    _quiet_frameworks(methods)
-    seed_everything(seed)
-    out = Path(out)
-    X, Y = load_data(data, limit, progress)
-    X_cal, cal_note = (calibration_images(calibration_size, calibration_data, avoid=len(X), progress=progress, log=log)
-                       if any(m in CALIBRATED for m in methods) else (None, ""))
-    log(f"evaluating on {len(X)} CIFAR-10 {data} images; calibration: {cal_note or 'none (weight-only methods)'}")
-    jobs = [(name, sp, m) for name in models for sp in prune_sparsities for m in methods]
+    _quiet_frameworks(c.methods)
+    seed_everything(c.seed)
+    out = Path(c.out)
+    X, Y = load_data(c.data, c.limit, c.progress)
+    X_cal, cal_note = (calibration_images(c.calibration_size, c.calibration_data, avoid=len(X), progress=c.progress,
+                                          log=log)
+                       if any(m in CALIBRATED for m in c.methods) else (None, ""))
+    log(f"evaluating on {len(X)} CIFAR-10 {c.data} images; calibration: {cal_note or 'none (weight-only methods)'}")
+    jobs = [(name, sp, m) for name in c.models for sp in c.prune_sparsity for m in c.methods]
     bar = None
-    if progress:
+    if c.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="quantization")
     rows = []
     try:
-        for name in models:
+        for name in c.models:
             dense = load_cifar_resnet(name)
-            for sp in prune_sparsities:
-                seed_everything(seed)
-                ref = dense if sp == 0 else prune_unstructured(dense, sp, INPUT_SHAPE)[0].eval()
-                for method in methods:
+            for sp in c.prune_sparsity:
+                seed_everything(c.seed)
+                ref = (dense if sp == 0
+                       else prune_unstructured(dense, sp, INPUT_SHAPE, criterion="path-magnitude")[0].eval())
+                for method in c.methods:
                     t0 = time.perf_counter()
                     tag = _tag(name, sp)
                     if bar is not None:
                         bar.set_postfix_str(f"{tag} {method}")
-                    seed_everything(seed)
-                    full, theta, kept = quantize(method, ref, X_cal, rtn_group_size, mixed_size)
+                    seed_everything(c.seed)
+                    full, theta, kept = quantize(method, ref, X_cal, rtn_group_size=c.rtn_group_size,
+                                                 mixed_size=c.mixed_size)
                     report = robustness_report(ref, full, (X, Y), theta=theta, input_shape=INPUT_SHAPE,
-                                               per_layer=per_layer, activations_quantized=method in ACTIVATIONS_QUANTIZED,
+                                               per_layer=c.per_layer,
+                                               activations_quantized=method in ACTIVATIONS_QUANTIZED,
                                                name=f"{tag}, {method}")
-                    rdir = out / f"{tag}-{method}"
-                    rdir.mkdir(parents=True, exist_ok=True)
-                    (rdir / "report.json").write_text(report.to_json())
-                    (rdir / "report.md").write_text(report.to_markdown(), encoding="utf-8")
-                    report.plot(rdir / "report.png")
-                    row = _row(name, sp, method, report, cal_note if method in CALIBRATED
-                               else "none (weight-only: no data)", quantized_weight_fraction(ref, theta), kept)
+                    write_report(report, out / f"{tag}-{method}")
+                    row = {"model": name, "sparsity": float(sp), "method": method, "quantized": METHODS[method],
+                           "quantized_weights": quantized_weight_fraction(ref, theta),
+                           "float_layers": " ".join(kept), **_report_columns(report),
+                           "calibration": cal_note if method in CALIBRATED else "none (weight-only: no data)"}
                     rows.append(row)
-                    _write(rows, out, data, len(X))  # after every row: an interrupted run keeps what it did
+                    _write(rows, out, c.data, len(X))  # after every row: an interrupted run keeps what it did
                     log(f"{tag:18s} {method:16s} top-1 ref {row['top1_reference']:.2f}%  full {row['top1_full']:.2f}%"
                         f"  weights-only {row['top1_weights_only']:.2f}%  D/||Phi|| {row['D_relative']:.3g}  observed "
                         f"{row['observed_max']:.3g} <= certified 1e{row['log10_certified_bound']:.2f}  full model "
@@ -241,7 +268,7 @@ def run(models=("resnet20",), data="sample", methods=tuple(METHODS), prune_spars
     finally:
         if bar is not None:
             bar.close()
-    paths = _write(rows, out, data, len(X))
+    paths = _write(rows, out, c.data, len(X))
     log(f"wrote {', '.join(str(p) for p in paths.values())}, {out / 'quantization.png'} and {len(rows)} reports")
     return rows
 
@@ -270,16 +297,15 @@ For pruned rows the reference is the pruned float network.
 """
 
 
-def _row(name, sparsity, method, r, calibration, quantized_weights, float_layers):
-    return {"model": name, "sparsity": float(sparsity), "method": method, "quantized": METHODS[method],
-            "quantized_weights": quantized_weights, "float_layers": " ".join(float_layers),
-            "activations_quantized": r.activations_quantized, "top1_reference": r.accuracy_reference,
+def _report_columns(r) -> dict:
+    """The table's columns taken from the robustness report ``r`` of one row."""
+    return {"activations_quantized": r.activations_quantized, "top1_reference": r.accuracy_reference,
             "top1_full": r.full_accuracy, "top1_weights_only": r.accuracy_compressed,
             "log10_path_norm": r.log10_path_norm, "log10_D": r.log10_distance, "exact": r.exact,
             "D_relative": r.relative_distance, "log10_certified_bound": r.log10_certified_bound,
             "observed_max": r.observed_max, "observed_mean": r.observed_mean,
             "observed_to_certified": r.observed_to_certified, "full_observed_max": r.full_observed_max,
-            "full_observed_mean": r.full_observed_mean, "calibration": calibration}
+            "full_observed_mean": r.full_observed_mean}
 
 
 def _quiet_frameworks(methods):
@@ -296,15 +322,11 @@ def _quiet_frameworks(methods):
 def plot(rows, path, subtitle=""):
     """Certified relative distance D/||Phi|| (x) against the observed max deviation (y): filled markers for
     the weights-only model (certified), open markers for the full model (activations quantized, measured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     configs = sorted({(r["model"], r["sparsity"]) for r in rows})
     markers = dict(zip(configs, "os^Dvp<>h*"))
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, axes = figure(panel=(8, 5.5))
+    ax = axes[0, 0]
     for r in rows:
         x = r["D_relative"]
         if not (x > 0 and math.isfinite(x)):
@@ -323,42 +345,15 @@ def plot(rows, path, subtitle=""):
     ax.scatter([], [], facecolors="none", edgecolors="gray", marker="o", label="full model (NOT certified)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("certified relative distance D / ||Φ(θ)||₁ (weights only)")
-    ax.set_ylabel("observed max ||R_θ(x) − R_θ'(x)||₁ over the data")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title(f"Quantization: certified weight distance vs observed output deviation. {subtitle}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m pathsaliency.recipes.quantization", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet20"], help="cifar ResNets: resnet20 resnet32")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--prune-sparsity", type=float, nargs="+", default=[0.0],
-                   help="global path-magnitude sparsities to prune to before quantizing; 0 = dense (default)")
-    p.add_argument("--data", default="test", choices=["test", "sample", "torchvision"], help="evaluation images")
-    p.add_argument("--limit", type=int, help="use only the first N evaluation images")
-    p.add_argument("--calibration-size", type=int, default=300, help="calibration images (NNCF, INC static)")
-    p.add_argument("--calibration-data", default="train", choices=["train", "sample"],
-                   help="train: CIFAR-10 train split; sample: the packaged test sample as a stand-in")
-    p.add_argument("--rtn-group-size", type=int, default=32, help="RTN group size (-1: one group per channel)")
-    p.add_argument("--mixed-size", type=float, default=0.4,
-                   help="mixed methods: the weights' size as a fraction of float, in [0.25, 1] (default 0.4)")
-    p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer breakdown of the reports")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/quantization")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    label(ax, f"Quantization: certified weight distance vs observed output deviation. {subtitle}",
+          "certified relative distance D / ||Φ(θ)||₁ (weights only)", "observed max ||R_θ(x) − R_θ'(x)||₁ over the data")
+    save(fig, path)
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
-    run(a.models, a.data, a.methods, a.prune_sparsity, a.calibration_size, a.calibration_data, a.limit,
-        a.rtn_group_size, not a.no_per_layer, a.seed, a.out, progress=not a.no_progress, mixed_size=a.mixed_size)
+    return harness.main(Config, run, argv, prog="python -m pathsaliency.recipes.quantization", description=__doc__,
+                        choices={"methods": list(METHODS), "data": ["test", "sample", "torchvision"],
+                                 "calibration_data": ["train", "sample"]})
 
 
 if __name__ == "__main__":

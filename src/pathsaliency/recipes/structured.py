@@ -1,25 +1,32 @@
-"""Structured (channel) pruning with torch-pruning: the path-metric importance against torch-pruning's own.
+"""Structured (channel) pruning with torch-pruning at equal MACs removed: the path-metric importance
+against torch-pruning's own.
 
-For each model, importance, scope (local / global ranking) and channel ratio, torch-pruning's
-``MetaPruner`` removes channels physically (``pruning_ratio`` of the channels of every group, or of all
-groups together for ``global``); each row reports MACs and parameters before and after, top-1 before and
-after an optional short fine-tune, and the certificate of what pruning cost.
+Protocol (issue 10). For each model, importance, scope (``local``: the same fraction of every group's
+channels; ``global``: one ranking over all groups) and target fraction of MACs removed (``--macs``,
+default 30 % and 50 %), torch-pruning's ``MetaPruner`` removes channels physically at the channel ratio
+found by bisection on the MACs actually removed (:func:`prune_to_macs`, counted by torch-pruning's
+``count_ops_and_params``), so every importance is compared at the same cost, not at the same ratio.
+Then, for every row alike: the batch-norm statistics are re-estimated on the same ``--bn-images``
+training images (1,024 by default; ``--no-reestimate-bn`` to skip), and optionally the network is
+fine-tuned for ``--finetune-epochs`` on the first ``--train-limit`` training images (the same for every
+row). Each row reports MACs and parameters removed, top-1 one-shot, after re-estimation (``top1``) and
+after the fine-tune, and the certificate of every evaluated network; the Markdown table ends with the
+Spearman correlation, within one model and MACs level, between ``D / ||Phi||`` and the accuracy drop.
 
-Importances: ``path-metric`` (:class:`PathMetricImportance`, exact), ``path-metric-first-order``
-(``exact=False``), ``l1`` / ``l2`` (``MagnitudeImportance(p=1/2)``), ``lamp``, ``bn-scale``, ``taylor``
-(gradients of the loss on a few calibration batches of the training data before every ``pruner.step``)
-and ``random`` (a floor).
+Importances: ``path-metric`` (:class:`PathMetricImportance`, exact; with ``sequential=True`` under global
+ranking, so that the pruner reaches its ratio), ``path-metric-first-order`` (``exact=False``), ``l1`` /
+``l2`` (``MagnitudeImportance(p=1/2)``), ``lamp``, ``bn-scale``, ``taylor`` (gradients of the loss on a
+few calibration batches of the training data before every ``pruner.step``) and ``random`` (a floor).
 
 The certificate. The path-metric between models of different shapes is not defined, so the certified
-distance is taken between the original network and *the original with the pruned channels zeroed*
-(same architecture: every pruned output channel's weights, bias and batch-norm entries, and every
-pruned input channel's weights, set to zero). That copy computes the same function as the physically
-pruned model (checked on the data: outputs equal to ~1e-5), so ``D = path_metric(original, zeroed)``
-(exact: the zeroed copy is dominated by the original) bounds the pruned model too:
-``||R_orig(x) - R_pruned(x)||_1 <= max(1, ||x||_inf) * D`` on every input. The largest deviation
-observed on the data is reported next to it; one above its bound is a bug and stops the run. After a
-fine-tune, the pruned weights are written back into the original shapes (zeros elsewhere) and the
-(non-exact) certified distance of the fine-tuned model is reported the same way.
+distance is taken between the original network and the pruned one embedded back into the original
+architecture (``certify_pruned``: kept channels hold the pruned network's values, pruned channels are
+zero). For pruning alone that copy is *the original with the pruned channels zeroed* (checked: same
+weights, outputs equal to ~1e-5) and ``D_relative_masks`` is exact (the zeroed copy is dominated by the
+original); after the re-estimation or a fine-tune it is an upper bound (``D_relative``,
+``D_relative_finetuned``). Either way ``||R_orig(x) - R_evaluated(x)||_1 <= max(1, ||x||_inf) * D`` on
+every input; the largest deviation observed on the data is reported next to it, and one above its bound
+is a bug that stops the run.
 
 CIFAR ResNets and their option-A shortcut. torch-pruning's dependency graph does not follow the
 shortcut's channel zero-padding (``F.pad`` on the channel dimension): on the original form the graph
@@ -38,19 +45,21 @@ the frozen convolutions out (in option-A form they are a free slice and pad).
 
 ImageNet ResNet-18/50 (``imagenet:resnet18``, ``imagenet:resnet50``): torchvision models (``--pretrained``
 downloads torchvision's weights), data from an ImageFolder ``--imagenet-dir`` (its ``val/`` sub-folder if
-present, else the folder itself; ``train/`` for fine-tuning and Taylor calibration when present), with the
-standard resize-256 / center-crop-224 evaluation transform (``--image-size`` scales it).
+present, else the folder itself; ``train/`` for fine-tuning, Taylor calibration and the batch-norm
+re-estimation), with the standard resize-256 / center-crop-224 evaluation transform (``--image-size``
+scales it).
 
     python -m pathsaliency.recipes.structured --models resnet20 resnet32 --data test --out out/structured
     python -m pathsaliency.recipes.structured --models imagenet:resnet18 --pretrained --imagenet-dir /data/imagenet
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,11 +68,13 @@ import pathsaliency as ps
 from pathsaliency.bound import CertificateViolation, check_bound, rounding_allowance  # noqa: F401 (raised)
 from pathsaliency.models.cifar_resnet import ShortcutConv, load_cifar_resnet, to_conv_shortcut
 
+from . import harness
 from .cifar10 import cifar10
-from .common import deviation, markdown_table, predict, seed_everything, top1, write_table
-from .imagenet import image_folder
+from .common import as_tensors, deviation, markdown_table, predict, reestimate_batchnorm, seed_everything, top1, \
+    write_table
+from .imagenet import evaluation_data, image_folder, load_model
 from .training import finetune, init_distributed
-from .unstructured import load_data
+from .unstructured import load_data, outputs
 
 try:
     import torch_pruning as tp
@@ -71,21 +82,70 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("pathsaliency.recipes.structured needs torch-pruning: "
                       "pip install 'pathsaliency[torch-pruning]'") from e
 
-from pathsaliency.integrations.torch_pruning import ChannelTracker, FrozenFollowingPruner, PathMetricImportance
+from pathsaliency.integrations.torch_pruning import (ChannelTracker, FrozenFollowingPruner, PathMetricImportance,
+                                                     certify_pruned)
 
 IMPORTANCES = ("path-metric", "path-metric-first-order", "l1", "l2", "lamp", "bn-scale", "taylor", "random")
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56")
 IMAGENET_MODELS = ("imagenet:resnet18", "imagenet:resnet50")
-COLUMNS = ["model", "importance", "scope", "ratio", "macs_before", "macs_after", "macs_removed", "params_before",
-           "params_after", "params_removed", "top1_unpruned", "top1", "top1_finetuned", "D_relative", "log10_D",
-           "certified_bound", "observed_max", "zeroed_vs_pruned", "finetuned_certified_bound",
-           "finetuned_observed_max", "seconds"]
-MD_COLUMNS = ["model", "importance", "scope", "ratio", "macs_removed", "params_removed", "top1", "top1_finetuned",
-              "D_relative", "certified_bound", "observed_max"]
-FORMATS = {"ratio": ".2f", "macs_removed": ".3f", "params_removed": ".3f", "top1_unpruned": ".2f", "top1": ".2f",
-           "top1_finetuned": ".2f", "D_relative": ".3g", "log10_D": ".3f", "certified_bound": ".3g",
-           "observed_max": ".3g", "zeroed_vs_pruned": ".2g", "finetuned_certified_bound": ".3g",
-           "finetuned_observed_max": ".3g", "seconds": ".1f"}
+COLUMNS = ["model", "importance", "scope", "macs_target", "ratio", "macs_before", "macs_after", "macs_removed",
+           "params_before", "params_after", "params_removed", "top1_unpruned", "top1_one_shot", "top1",
+           "top1_finetuned", "D_relative_masks", "D_relative", "D_relative_finetuned", "log10_D", "certified_bound",
+           "observed_max", "finetuned_certified_bound", "finetuned_observed_max", "zeroed_vs_pruned",
+           "bn_reestimated", "seconds"]
+MD_COLUMNS = ["model", "importance", "scope", "macs_target", "ratio", "macs_removed", "params_removed",
+              "top1_one_shot", "top1", "top1_finetuned", "D_relative_masks", "D_relative", "D_relative_finetuned",
+              "certified_bound", "observed_max"]
+FORMATS = {"macs_target": ".2f", "ratio": ".3f", "macs_removed": ".3f", "params_removed": ".3f",
+           "top1_unpruned": ".2f", "top1_one_shot": ".2f", "top1": ".2f", "top1_finetuned": ".2f",
+           "D_relative_masks": ".3g", "D_relative": ".3g", "D_relative_finetuned": ".3g", "log10_D": ".3f",
+           "certified_bound": ".3g", "observed_max": ".3g", "zeroed_vs_pruned": ".2g",
+           "finetuned_certified_bound": ".3g", "finetuned_observed_max": ".3g", "seconds": ".1f"}
+
+
+@dataclass
+class Config:
+    """One run of the structured comparison (every field is a command-line option)."""
+
+    models: Tuple[str, ...] = field(default=("resnet20",), metadata={
+        "help": "resnet20 resnet32 (resnet44 resnet56) imagenet:resnet18 imagenet:resnet50"})
+    importances: Tuple[str, ...] = field(default=("path-metric", "l1", "taylor"), metadata={
+        "help": " ".join(IMPORTANCES)})
+    macs: Tuple[float, ...] = field(default=(0.3, 0.5), metadata={
+        "help": "target fractions of the MACs removed (each importance's channel ratio found by bisection)"})
+    macs_tolerance: float = field(default=0.005, metadata={
+        "help": "bisection stops once |MACs removed - target| is at most this (else the closest ratio is kept)"})
+    bisection_steps: int = field(default=14, metadata={"help": "most pruning trials per row"})
+    scope: str = field(default="both", metadata={"help": "local, global or both"})
+    iterative_steps: int = 1
+    round_to: Optional[int] = field(default=None, metadata={"help": "keep channel counts multiples of this"})
+    max_pruning_ratio: float = field(default=1.0, metadata={"help": "cap per layer (global ranking)"})
+    data: str = field(default="test", metadata={"help": "CIFAR-10 evaluation data: test, sample or torchvision"})
+    limit: Optional[int] = field(default=None, metadata={"help": "use only the first N evaluation images"})
+    check_limit: int = field(default=1000, metadata={
+        "help": "images on which the certified (embedded) copy is compared with the evaluated model (0: all)"})
+    reestimate_bn: bool = field(default=True, metadata={"help": "re-estimate batch-norm statistics after pruning"})
+    bn_images: int = field(default=1024, metadata={"help": "training images for the batch-norm re-estimation"})
+    finetune_epochs: int = field(default=0, metadata={"help": "fine-tune each pruned model (after re-estimation)"})
+    train_limit: Optional[int] = field(default=None, metadata={
+        "help": "use only the first N training images (fine-tuning, calibration)"})
+    train_data: str = field(default="train", metadata={
+        "help": "CIFAR-10 training data: train, or sample = the packaged test sample as a stand-in (tests only)"})
+    finetune_lr: float = 0.01
+    finetune_batch_size: int = 128
+    calib_batches: int = field(default=4, metadata={"help": "batches of training data for taylor gradients"})
+    calib_batch_size: int = 64
+    imagenet_dir: Optional[str] = field(default=None, metadata={
+        "help": "ImageFolder root (val/ and optionally train/) for imagenet:* models"})
+    image_size: int = field(default=224, metadata={"help": "imagenet crop size (resize to size*256/224 first)"})
+    pretrained: bool = field(default=False, metadata={"help": "torchvision's ImageNet weights (downloads them)"})
+    device: str = "cpu"
+    workers: int = field(default=2, metadata={"help": "data loader workers (fine-tuning, ImageFolder)"})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "torch.set_num_threads (1 is often faster on a small shared machine)"})
+    seed: int = 0
+    out: str = "out/structured"
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
 class FunctionMismatch(AssertionError):
@@ -97,7 +157,7 @@ def is_main_process() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch-pruning: frozen layers whose channels follow the group
+# torch-pruning: importances, frozen layers whose channels follow the group
 
 
 def frozen_shortcut_convs(model: nn.Module) -> list:
@@ -105,99 +165,96 @@ def frozen_shortcut_convs(model: nn.Module) -> list:
     return [m.conv for m in model.modules() if isinstance(m, ShortcutConv)]
 
 
-def make_importance(name: str, input_shape):
-    if name == "path-metric":
-        return PathMetricImportance(input_shape, exact=True)
-    if name == "path-metric-first-order":
-        return PathMetricImportance(input_shape, exact=False)
-    if name == "l1":
-        return tp.importance.MagnitudeImportance(p=1)
-    if name == "l2":
-        return tp.importance.MagnitudeImportance(p=2)
-    if name == "lamp":
-        return tp.importance.LAMPImportance()
-    if name == "bn-scale":
-        return tp.importance.BNScaleImportance()
-    if name == "taylor":
-        return tp.importance.TaylorImportance()
-    if name == "random":
-        return tp.importance.RandomImportance()
-    raise ValueError(f"unknown importance {name!r}; choose from {IMPORTANCES}")
+def make_importance(name: str, input_shape, scope: str = "local"):
+    """The importance called ``name``; the path-metric ones rank with :func:`sequential_scores` under
+    ``global`` scope (raw single-channel scores let the pruner miss its ratio there)."""
+    sequential = scope == "global"
+    factories = {
+        "path-metric": lambda: PathMetricImportance(input_shape, exact=True, sequential=sequential),
+        "path-metric-first-order": lambda: PathMetricImportance(input_shape, exact=False, sequential=sequential),
+        "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+        "lamp": tp.importance.LAMPImportance,
+        "bn-scale": tp.importance.BNScaleImportance,
+        "taylor": tp.importance.TaylorImportance,
+        "random": tp.importance.RandomImportance,
+    }
+    if name not in factories:
+        raise ValueError(f"unknown importance {name!r}; choose from {IMPORTANCES}")
+    return factories[name]()
 
 
-def check_frozen_selection(model: nn.Module, names: dict):
-    """A pruned shortcut must still be a 0/1 selection: at most one 1 per row and per column."""
+class ScoreCache(tp.importance.Importance):
+    """``importance``'s scores of each group, computed in the first pruning trial of a bisection and reused
+    in the later ones: with one pruning step every trial scores a fresh copy of the same unpruned model,
+    so only the ratio changes. A group is known by its items (source, handler and target of each
+    dependency, and its indices)."""
+
+    def __init__(self, importance):
+        self.importance, self.scores = importance, {}
+
+    def __call__(self, group):
+        key = tuple((str(dep), tuple(int(i) for i in idxs)) for dep, idxs in group)
+        if key not in self.scores:
+            self.scores[key] = self.importance(group)
+        s = self.scores[key]
+        return None if s is None else s.clone()
+
+
+def check_frozen_selection(model: nn.Module):
+    """A pruned shortcut must still be a frozen 0/1 selection: at most one 1 per row and per column."""
+    names = {m: n for n, m in model.named_modules()}
     for m in frozen_shortcut_convs(model):
         w = m.weight.detach()
         w = w.reshape(w.shape[0], w.shape[1])
         if not bool(((w == 0) | (w == 1)).all()) or w.sum(1).max() > 1 or w.sum(0).max() > 1:
-            raise RuntimeError(f"{names.get(m, '?')}: the pruned shortcut is no longer a 0/1 selection")
+            raise RuntimeError(f"{names[m]}: the pruned shortcut is no longer a 0/1 selection")
         if m.weight.requires_grad:
-            raise RuntimeError(f"{names.get(m, '?')}: the frozen shortcut became trainable")
+            raise RuntimeError(f"{names[m]}: the frozen shortcut became trainable")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Models and data
 
 
+@dataclass
 class Spec:
-    """One model of the comparison: the network to prune, how to read its data, and what is ignored."""
+    """One model of the comparison: the network to prune, its data, and what is ignored.
 
-    def __init__(self, name, model, input_shape, ignored, frozen, data, train_data, note=""):
-        self.name, self.model, self.input_shape = name, model, tuple(input_shape)
-        self.ignored, self.frozen = ignored, frozen
-        self.data, self.train_data, self.note = data, train_data, note
+    ``data``: evaluation data as :func:`pathsaliency.recipes.unstructured.outputs` takes it (an ``(X, Y)``
+    pair or a DataLoader); ``train_data``: an augmented training dataset (fine-tuning, Taylor calibration)
+    or None; ``bn_X``: the images of the batch-norm re-estimation (None: not re-estimated)."""
 
-
-class Batches:
-    """Evaluation data as ``(x, y)`` batches: decoded tensors (CIFAR) or a DataLoader (ImageFolder)."""
-
-    def __init__(self, X=None, Y=None, dataset=None, batch_size=250, workers=0):
-        self.X, self.Y, self.dataset = X, Y, dataset
-        self.batch_size, self.workers = batch_size, workers
-
-    def __len__(self):
-        return len(self.X) if self.X is not None else len(self.dataset)
-
-    def __iter__(self):
-        if self.X is not None:
-            for i in range(0, len(self.X), self.batch_size):
-                yield self.X[i:i + self.batch_size], self.Y[i:i + self.batch_size]
-        else:
-            loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers)
-            for x, y in loader:
-                yield x, torch.as_tensor(y)
-
-    def head(self, n):
-        """The first ``n`` samples (all of them for ``n`` None or 0)."""
-        if not n or n >= len(self):
-            return self
-        if self.X is not None:
-            return Batches(self.X[:n], self.Y[:n], batch_size=self.batch_size)
-        return Batches(dataset=torch.utils.data.Subset(self.dataset, range(n)), batch_size=self.batch_size,
-                       workers=self.workers)
+    name: str
+    model: nn.Module
+    input_shape: tuple
+    ignored: list
+    frozen: list
+    data: object
+    train_data: object
+    bn_X: Optional[torch.Tensor]
+    note: str = ""
 
 
-@torch.no_grad()
-def outputs(model, batches, device="cpu"):
-    """``(logits, labels, max(1, ||x||_inf) per sample)`` of ``model`` (in eval mode) on ``batches``."""
-    model.eval()
-    logits, labels, xb = [], [], []
-    for x, y in batches:
-        logits.append(model(x.to(device)).double().cpu())
-        labels.append(y)
-        xb.append(x.reshape(len(x), -1).abs().amax(1).double().clamp_min(1.0))
-    return torch.cat(logits), torch.cat(labels), torch.cat(xb)
+def head(data, n):
+    """The first ``n`` samples of evaluation ``data`` (all of them for ``n`` None or 0)."""
+    if isinstance(data, tuple):
+        return data if not n else (data[0][:n], data[1][:n])
+    if not n or n >= len(data.dataset):
+        return data
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(data.dataset, range(n)), batch_size=data.batch_size,
+                                       num_workers=data.num_workers)
 
 
 def imagenet_data(root, image_size=224, limit=None, train_limit=None):
-    """``(eval dataset, train dataset or None)`` from an ImageFolder root (``val/`` and ``train/``
-    sub-folders if present, else the root itself for evaluation and no training data)."""
+    """``(eval dataset, train dataset or None, its un-augmented view or None)`` from an ImageFolder root
+    (``val/`` and ``train/`` sub-folders if present, else the root itself for evaluation, no training data)."""
     root = Path(root)
     ev = image_folder(root, "val", image_size, False, limit) if (root / "val").is_dir() else \
         image_folder(root.parent, root.name, image_size, False, limit)
-    train = image_folder(root, "train", image_size, True, train_limit) if (root / "train").is_dir() else None
-    return ev, train
+    if not (root / "train").is_dir():
+        return ev, None, None
+    return ev, image_folder(root, "train", image_size, True, train_limit), image_folder(root, "train", image_size)
 
 
 def check_conversion(original, converted, input_shape, X, what):
@@ -213,17 +270,21 @@ def check_conversion(original, converted, input_shape, X, what):
     return {"max_output_difference": diff, "log10_path_norm": na.log10, "log10_path_norm_converted": nb.log10}
 
 
+def _first_images(dataset, n):
+    return as_tensors(torch.utils.data.Subset(dataset, range(min(n, len(dataset)))))[0]
+
+
 _DATA_CACHE: dict = {}  # the decoded CIFAR-10 evaluation set, shared by the models of one run
 
 
-def load_spec(name, *, data="sample", limit=None, train_data="train", train_limit=None, imagenet_dir=None,
-              image_size=224, pretrained=False, seed=0, progress=False, log=print, eval_batch_size=250, workers=0):
-    """Build the :class:`Spec` of ``name`` (a CIFAR ResNet or ``imagenet:resnet18/50``)."""
+def load_spec(name, c: Config, log=print) -> Spec:
+    """Build the :class:`Spec` of ``name`` (a CIFAR ResNet or ``imagenet:resnet18/50``) for the run ``c``."""
+    bn_n = c.bn_images if c.reestimate_bn else 0
     if name in CIFAR_MODELS:
-        key = (data, limit)
+        key = (c.data, c.limit)
         if key not in _DATA_CACHE:
             _DATA_CACHE.clear()
-            _DATA_CACHE[key] = load_data(data, limit, progress)
+            _DATA_CACHE[key] = load_data(c.data, c.limit, c.progress)
         X, Y = _DATA_CACHE[key]
         original = load_cifar_resnet(name)
         model = to_conv_shortcut(original).eval()
@@ -232,27 +293,28 @@ def load_spec(name, *, data="sample", limit=None, train_data="train", train_limi
                 f"path-norm 10^{info['log10_path_norm']:.6f} before and 10^{info['log10_path_norm_converted']:.6f} "
                 "after")
         log(note)
-        if train_data == "sample":
-            train = cifar10("test", source="sample", limit=train_limit, augment=True)
+        if c.train_data == "sample":
+            train = cifar10("test", source="sample", limit=c.train_limit, augment=True)
+            bn_X = _first_images(cifar10("test", source="sample"), bn_n) if bn_n else None
             log(f"{name}: using the packaged TEST sample as stand-in training data ({len(train)} images)")
         else:
-            train = cifar10("train", augment=True, limit=train_limit)
-        return Spec(name, model, (3, 32, 32), [model.linear], frozen_shortcut_convs(model),
-                    Batches(X, Y, batch_size=eval_batch_size), train, note)
+            train = cifar10("train", augment=True, limit=c.train_limit)
+            bn_X = as_tensors(cifar10("train", limit=bn_n))[0] if bn_n else None
+        return Spec(name, model, (3, 32, 32), [model.linear], frozen_shortcut_convs(model), (X, Y), train, bn_X, note)
     if name in IMAGENET_MODELS:
-        import torchvision
-
-        if imagenet_dir is None:
+        if c.imagenet_dir is None:
             raise ValueError(f"{name} needs --imagenet-dir (an ImageFolder, with val/ and optionally train/)")
-        arch = name.split(":", 1)[1]
-        torch.manual_seed(seed)
-        weights = "DEFAULT" if pretrained else None
-        model = getattr(torchvision.models, arch)(weights=weights).eval()
-        ev, train = imagenet_data(imagenet_dir, image_size, limit, train_limit)
-        note = f"{name}: {'torchvision weights' if pretrained else 'random weights (seeded)'}, {len(ev)} images"
+        torch.manual_seed(c.seed)
+        model = load_model(name.split(":", 1)[1], c.pretrained)
+        ev, train, train_eval = imagenet_data(c.imagenet_dir, c.image_size, c.limit, c.train_limit)
+        if bn_n and train_eval is None:
+            raise ValueError(f"{name}: the batch-norm re-estimation needs {c.imagenet_dir}/train/ "
+                             "(or pass --no-reestimate-bn)")
+        note = f"{name}: {'torchvision weights' if c.pretrained else 'random weights (seeded)'}, {len(ev)} images"
         log(note)
-        return Spec(name, model, (3, image_size, image_size), [model.fc], [],
-                    Batches(dataset=ev, batch_size=eval_batch_size, workers=workers), train, note)
+        data = evaluation_data(ev, batch_size=64, workers=c.workers)
+        return Spec(name, model, (3, c.image_size, c.image_size), [model.fc], [], data, train,
+                    _first_images(train_eval, bn_n) if bn_n else None, note)
     raise ValueError(f"unknown model {name!r}; choose from {CIFAR_MODELS + IMAGENET_MODELS}")
 
 
@@ -299,246 +361,270 @@ def costs(model, input_shape, frozen=(), device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------------
-# One pruning run
+# Pruning at a channel ratio, and at a target of MACs removed
 
 
-def prune(spec: Spec, importance: str, scope: str, ratio: float, *, iterative_steps=1, round_to=None,
-          max_pruning_ratio=1.0, calib=(), device="cpu"):
-    """Prune a copy of ``spec.model``; returns ``(pruned model, ChannelTracker)``."""
-    model = copy.deepcopy(spec.model).to(device).eval()
+def prune(spec: Spec, importance: str, scope: str, ratio: float, c: Config = Config(), calib=(), scores=None):
+    """Prune a copy of ``spec.model`` at channel ``ratio`` (the torch seed reset to ``c.seed`` first, so
+    the random importance draws the same scores at every ratio); returns ``(pruned model, ChannelTracker)``.
+    ``scores``: the torch-pruning importance object to use (default: ``make_importance(importance)``)."""
+    torch.manual_seed(c.seed)
+    model = copy.deepcopy(spec.model).to(c.device).eval()
     names = {m: n for n, m in model.named_modules()}
     index = {n: m for n, m in model.named_modules()}
     frozen = [index[n] for n, m in spec.model.named_modules() if any(m is f for f in spec.frozen)]
     ignored = [index[n] for n, m in spec.model.named_modules() if any(m is i for i in spec.ignored)]
-    imp = make_importance(importance, spec.input_shape)
     pruner = FrozenFollowingPruner(
-        model, torch.zeros(1, *spec.input_shape, device=device), imp, frozen_layers=frozen, ignored_layers=ignored,
-        scoring_frozen=importance.startswith("path-metric"), global_pruning=(scope == "global"),
-        pruning_ratio=ratio, iterative_steps=iterative_steps, round_to=round_to, max_pruning_ratio=max_pruning_ratio)
+        model, torch.zeros(1, *spec.input_shape, device=c.device),
+        scores if scores is not None else make_importance(importance, spec.input_shape, scope),
+        frozen_layers=frozen, ignored_layers=ignored, scoring_frozen=importance.startswith("path-metric"),
+        global_pruning=(scope == "global"), pruning_ratio=ratio, iterative_steps=c.iterative_steps,
+        round_to=c.round_to, max_pruning_ratio=c.max_pruning_ratio)
     tracker = ChannelTracker(model)
-    for _ in range(iterative_steps):
+    for _ in range(c.iterative_steps):
         if importance == "taylor":
             if not calib:
                 raise ValueError("the taylor importance needs calibration batches (training data)")
-            accumulate_gradients(model, calib, device)
+            accumulate_gradients(model, calib, c.device)
         for group in pruner.step(interactive=True):
             tracker.record(group, names)
             group.prune()
         pruner.freeze()
     model.zero_grad(set_to_none=True)
     tracker.check(model)
-    check_frozen_selection(model, names)
+    check_frozen_selection(model)
     return model.eval(), tracker
+
+
+@dataclass
+class Pruned:
+    """What :func:`prune_to_macs` found: the pruned model, its channel record, the ratio and its costs."""
+
+    model: nn.Module
+    tracker: ChannelTracker
+    ratio: float
+    macs: int
+    params: int
+    macs_removed: float
+
+
+def prune_to_macs(spec: Spec, importance: str, scope: str, target: float, c: Config = Config(), calib=(),
+                  macs0=None) -> Pruned:
+    """The pruned model whose fraction of MACs removed, ``1 - MACs(pruned) / MACs(spec.model)``, is
+    closest to ``target``: bisection on the channel ratio in ``[0, 1)`` (the MACs removed grow with
+    it), stopped once within ``c.macs_tolerance`` or after ``c.bisection_steps`` trials. With one pruning
+    step the importance is computed once (:class:`ScoreCache`)."""
+    if not 0 < target < 1:
+        raise ValueError(f"the target fraction of MACs removed must be in (0, 1), got {target}")
+    if macs0 is None:
+        macs0 = costs(spec.model, spec.input_shape, spec.frozen, c.device)[0]
+    scores = ScoreCache(make_importance(importance, spec.input_shape, scope)) if c.iterative_steps == 1 else None
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(max(1, c.bisection_steps)):
+        ratio = (lo + hi) / 2
+        model, tracker = prune(spec, importance, scope, ratio, c, calib, scores)
+        macs, params = costs(model, spec.input_shape, frozen_shortcut_convs(model), c.device)
+        trial = Pruned(model, tracker, ratio, macs, params, 1 - macs / macs0)
+        if best is None or abs(trial.macs_removed - target) < abs(best.macs_removed - target):
+            best = trial
+        if abs(trial.macs_removed - target) <= c.macs_tolerance:
+            break
+        lo, hi = (ratio, hi) if trial.macs_removed < target else (lo, ratio)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# The certificate of an evaluated network
 
 
 def _relative_difference(a, b):
     return float((a - b).abs().max()) / (1.0 + float(a.abs().max()))
 
 
-def run(models=("resnet20",), data="sample", importances=("path-metric", "l1", "taylor"), ratios=(0.2, 0.4, 0.6),
-        scope="both", iterative_steps=1, round_to=None, max_pruning_ratio=1.0, seed=0, out="out/structured",
-        limit=None, finetune_epochs=0, train_limit=None, train_data="train", finetune_lr=0.01,
-        finetune_batch_size=128, calib_batches=4, calib_batch_size=64, check_limit=1000, imagenet_dir=None,
-        image_size=224, pretrained=False, device="cpu", workers=2, progress=True, log=print):
-    """Run the comparison; returns the rows (also written to ``out`` as CSV, Markdown, JSON and PNG)."""
-    seed_everything(seed)
-    init_distributed(device)  # under torchrun every rank prunes: the exact importance shards its removal passes
-    out = Path(out)
-    scopes = ("local", "global") if scope == "both" else (scope,)
-    for imp in importances:
+def certificate(spec: Spec, pruned: Pruned, evaluated: nn.Module, logits, ref, *, check, what, device="cpu"):
+    """``(D, bound, observed, difference)`` of ``evaluated`` (``pruned.model``, possibly re-estimated or
+    fine-tuned; ``logits``: its outputs on ``spec.data``) against ``spec.model`` (``ref``: its ``(logits,
+    labels, input bounds)``). ``D`` comes from :func:`certify_pruned`, after checking on the ``check`` data
+    that the embedded copy computes what ``evaluated`` does (``difference``, relative: at most 1e-5, else
+    :class:`FunctionMismatch`); the bound is checked on every sample (:class:`CertificateViolation`)."""
+    embedded = pruned.tracker.embedded(spec.model, evaluated).eval()
+    e_logits = outputs(embedded, check, device)[0]
+    diff = _relative_difference(e_logits, logits[:len(e_logits)])
+    if diff > 1e-5:
+        raise FunctionMismatch(f"{what}: the embedded copy and the evaluated model differ by {diff:.3g} (relative)")
+    d = certify_pruned(spec.model, evaluated, pruned.tracker, spec.input_shape)
+    bound = ref[2] * d.value
+    observed = deviation(ref[0], logits)
+    check_bound(observed, bound, rounding_allowance(ref[0], logits), what=what)
+    return d, bound, observed, diff
+
+
+# ---------------------------------------------------------------------------------------------------
+# One row, and the run
+
+
+def evaluate_row(spec: Spec, importance: str, scope: str, target: float, c: Config, ref, calib, costs0) -> dict:
+    """Prune ``spec.model`` to ``target`` MACs removed, re-estimate, fine-tune, certify: one row."""
+    t0 = time.perf_counter()
+    what = f"{spec.name} {importance} {scope} {target:.0%} MACs"
+    macs0, params0 = costs0
+    p = prune_to_macs(spec, importance, scope, target, c, calib, macs0)
+    check = head(spec.data, c.check_limit)
+    # pruning alone: the embedded copy is the original with the pruned channels zeroed (exact D)
+    zeroed = p.tracker.zeroed(spec.model)
+    for (k, a), b in zip(zeroed.state_dict().items(), p.tracker.embedded(spec.model, p.model).state_dict().values()):
+        if not torch.equal(a, b):
+            raise FunctionMismatch(f"{what}: the zeroed copy and the pruned weights disagree at {k}")
+    logits = outputs(p.model, spec.data, c.device)[0]
+    d_masks, bound, observed, zero_diff = certificate(spec, p, p.model, logits, ref, check=check, what=what,
+                                                      device=c.device)
+    if not d_masks.exact:
+        raise FunctionMismatch(f"{what}: the zeroed copy is not dominated by the original")
+    one_shot = top1(logits, ref[1])
+    evaluated, d = p.model, d_masks
+    if spec.bn_X is not None:
+        evaluated = reestimate_batchnorm(p.model, spec.bn_X.to(c.device))
+        logits = outputs(evaluated, spec.data, c.device)[0]
+        d, bound, observed, _ = certificate(spec, p, evaluated, logits, ref, check=check,
+                                            what=what + " re-estimated", device=c.device)
+    row = {"model": spec.name, "importance": importance, "scope": scope, "macs_target": target, "ratio": p.ratio,
+           "macs_before": macs0, "macs_after": p.macs, "macs_removed": p.macs_removed, "params_before": params0,
+           "params_after": p.params, "params_removed": 1 - p.params / params0, "top1_unpruned": top1(ref[0], ref[1]),
+           "top1_one_shot": one_shot, "top1": top1(logits, ref[1]), "top1_finetuned": "",
+           "D_relative_masks": d_masks.relative, "D_relative": d.relative, "D_relative_finetuned": "",
+           "log10_D": d.log10, "certified_bound": float(bound.max()), "observed_max": float(observed.max()),
+           "finetuned_certified_bound": "", "finetuned_observed_max": "", "zeroed_vs_pruned": zero_diff,
+           "bn_reestimated": spec.bn_X is not None}
+    if c.finetune_epochs > 0:
+        if spec.train_data is None:
+            raise ValueError(f"{spec.name}: fine-tuning needs training data")
+        tuned = finetune(copy.deepcopy(evaluated), spec.train_data, c.finetune_epochs, lr=c.finetune_lr,
+                         batch_size=c.finetune_batch_size, device=c.device, workers=c.workers, seed=c.seed,
+                         progress=c.progress)
+        check_frozen_selection(tuned)
+        ft_logits = outputs(tuned, spec.data, c.device)[0]
+        d_ft, ft_bound, ft_observed, _ = certificate(spec, p, tuned, ft_logits, ref, check=check,
+                                                     what=what + " fine-tuned", device=c.device)
+        row.update(top1_finetuned=top1(ft_logits, ref[1]), D_relative_finetuned=d_ft.relative,
+                   finetuned_certified_bound=float(ft_bound.max()), finetuned_observed_max=float(ft_observed.max()))
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def run(config: Config = Config(), log=None):
+    """Run the comparison; returns the rows (also written to ``config.out`` as CSV, Markdown, JSON, PNG)."""
+    c = config
+    log = log or (print if is_main_process() else (lambda *_: None))
+    for imp in c.importances:
         if imp not in IMPORTANCES:
             raise ValueError(f"unknown importance {imp!r}; choose from {IMPORTANCES}")
+    if c.scope not in ("local", "global", "both"):
+        raise ValueError(f"scope must be local, global or both, got {c.scope!r}")
+    seed_everything(c.seed)
+    init_distributed(c.device)  # under torchrun every rank prunes: the exact importance shards its removal passes
+    scopes = ("local", "global") if c.scope == "both" else (c.scope,)
     rows, notes = [], []
-    bar = None
-    for name in models:
-        spec = load_spec(name, data=data, limit=limit, train_data=train_data, train_limit=train_limit,
-                         imagenet_dir=imagenet_dir, image_size=image_size, pretrained=pretrained, seed=seed,
-                         progress=progress, log=log, workers=workers)
+    for name in c.models:
+        spec = load_spec(name, c, log)
         notes.append(spec.note)
-        spec.model.to(device)
-        ref_logits, Y, x_bound = outputs(spec.model, spec.data, device)
-        check = spec.data.head(check_limit)
-        base_top1 = top1(ref_logits, Y)
-        macs0, params0 = costs(spec.model, spec.input_shape, spec.frozen, device)
-        line = (f"{name}: unpruned top-1 {base_top1:.2f}% on {len(Y)} images, {macs0 / 1e6:.2f} M MACs, "
-                f"{params0 / 1e6:.3f} M parameters")
+        spec.model.to(c.device)
+        ref = outputs(spec.model, spec.data, c.device)
+        costs0 = costs(spec.model, spec.input_shape, spec.frozen, c.device)
+        line = (f"{name}: unpruned top-1 {top1(ref[0], ref[1]):.2f}% on {len(ref[1])} images, "
+                f"{costs0[0] / 1e6:.2f} M MACs, {costs0[1] / 1e6:.3f} M parameters")
         notes.append(line)
         log(line)
-        calib = calibration_batches(spec.train_data, calib_batches, calib_batch_size) if "taylor" in importances \
-            else []
-        jobs = [(imp, sc, r) for imp in importances for sc in scopes for r in ratios]
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(jobs, desc=f"{name} pruning", leave=False)
-        for imp, sc, ratio in (bar if bar is not None else jobs):
-            t0 = time.perf_counter()
-            torch.manual_seed(seed)
-            pruned, tracker = prune(spec, imp, sc, ratio, iterative_steps=iterative_steps, round_to=round_to,
-                                    max_pruning_ratio=max_pruning_ratio, calib=calib, device=device)
-            macs, params = costs(pruned, spec.input_shape, frozen_shortcut_convs(pruned), device)
-            # the certificate: original vs the original with the pruned channels zeroed
-            zeroed = tracker.zeroed(spec.model).eval()
-            embedded = tracker.embedded(spec.model, pruned)
-            for (k, a), b in zip(zeroed.state_dict().items(), embedded.state_dict().values()):
-                if not torch.equal(a, b):
-                    raise FunctionMismatch(f"{name} {imp}: the zeroed copy and the pruned weights disagree at {k}")
-            z_logits = outputs(zeroed, check, device)[0]
-            logits = outputs(pruned, spec.data, device)[0]
-            zero_diff = _relative_difference(z_logits, logits[:len(z_logits)])
-            if zero_diff > 1e-5:
-                raise FunctionMismatch(f"{name} {imp} {sc} {ratio}: the zeroed copy and the pruned model differ "
-                                       f"by {zero_diff:.3g} (relative)")
-            d = ps.path_metric(spec.model, zeroed, spec.input_shape)
-            if not d.exact:
-                raise FunctionMismatch(f"{name} {imp}: the zeroed copy is not dominated by the original")
-            bound = x_bound * d.value
-            observed = deviation(ref_logits, logits)
-            check_bound(observed, bound, rounding_allowance(ref_logits, logits), what=f"{name} {imp} {sc} {ratio}")
-            row = {"model": name, "importance": imp, "scope": sc, "ratio": ratio, "macs_before": macs0,
-                   "macs_after": macs, "macs_removed": 1 - macs / macs0, "params_before": params0,
-                   "params_after": params, "params_removed": 1 - params / params0, "top1_unpruned": base_top1,
-                   "top1": top1(logits, Y), "top1_finetuned": "", "D_relative": d.relative, "log10_D": d.log10,
-                   "certified_bound": float(bound.max()), "observed_max": float(observed.max()),
-                   "zeroed_vs_pruned": zero_diff, "finetuned_certified_bound": "", "finetuned_observed_max": ""}
-            if finetune_epochs > 0:
-                if spec.train_data is None:
-                    raise ValueError(f"{name}: fine-tuning needs training data")
-                finetune(pruned, spec.train_data, finetune_epochs, lr=finetune_lr, batch_size=finetune_batch_size,
-                         device=device, workers=workers, seed=seed, progress=progress)
-                ft_logits = outputs(pruned, spec.data, device)[0]
-                ft_embedded = tracker.embedded(spec.model, pruned).eval()
-                e_logits = outputs(ft_embedded, check, device)[0]
-                e_diff = _relative_difference(e_logits, ft_logits[:len(e_logits)])
-                if e_diff > 1e-5:
-                    raise FunctionMismatch(f"{name} {imp}: the fine-tuned model and its embedding differ by "
-                                           f"{e_diff:.3g}")
-                d_ft = ps.path_metric(spec.model, ft_embedded, spec.input_shape)
-                ft_bound = x_bound * d_ft.value
-                ft_observed = deviation(ref_logits, ft_logits)
-                check_bound(ft_observed, ft_bound, rounding_allowance(ref_logits, ft_logits),
-                            what=f"{name} {imp} {sc} {ratio} fine-tuned")
-                row.update(top1_finetuned=top1(ft_logits, Y), finetuned_certified_bound=float(ft_bound.max()),
-                           finetuned_observed_max=float(ft_observed.max()))
-            row["seconds"] = time.perf_counter() - t0
-            rows.append(row)
-            ft = f", fine-tuned {row['top1_finetuned']:.2f}%" if finetune_epochs > 0 else ""
-            msg = (f"  {imp:24s} {sc:6s} {ratio:.2f}: MACs -{row['macs_removed']:.1%}, top-1 {row['top1']:.2f}%{ft}, "
-                   f"D/||Phi|| {d.relative:.3g}, observed {row['observed_max']:.3g} <= {row['certified_bound']:.3g} "
-                   f"({row['seconds']:.1f} s)")
-            if bar is not None:
-                bar.write(msg)
-            else:
-                log(msg)
-        if bar is not None:
-            bar.close()
+        calib = calibration_batches(spec.train_data, c.calib_batches, c.calib_batch_size) \
+            if "taylor" in c.importances else []
+        for target in c.macs:
+            for imp in c.importances:
+                for sc in scopes:
+                    r = evaluate_row(spec, imp, sc, target, c, ref, calib, costs0)
+                    rows.append(r)
+                    ft = f", fine-tuned {r['top1_finetuned']:.2f}%" if c.finetune_epochs > 0 else ""
+                    log(f"  {imp:24s} {sc:6s} target {target:.0%}: ratio {r['ratio']:.3f}, MACs "
+                        f"-{r['macs_removed']:.1%}, top-1 {r['top1_one_shot']:.2f}% one-shot, {r['top1']:.2f}%{ft}, "
+                        f"D/||Phi|| {r['D_relative_masks']:.3g} (masks) {r['D_relative']:.3g}, observed "
+                        f"{r['observed_max']:.3g} <= {r['certified_bound']:.3g} ({r['seconds']:.1f} s)")
     if not is_main_process():
         return rows
-    desc = data if all(m in CIFAR_MODELS for m in models) else "imagenet"
-    title = (f"Structured pruning (torch-pruning MetaPruner), {desc}, {len(Y)} images, "
-             f"{iterative_steps} step(s), fine-tune {finetune_epochs} epoch(s)")
-    paths = write_table(rows, out, "structured", title, COLUMNS, FORMATS)
-    md_columns = [c for c in MD_COLUMNS if finetune_epochs > 0 or c != "top1_finetuned"]
-    md = markdown_table(rows, md_columns, FORMATS, title)
-    md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n" + (
-        "- macs/params: torch-pruning's count_ops_and_params without the frozen 0/1 shortcut convolutions; "
-        "D_relative: path-metric lost / ||Phi(original)||_1; certified_bound: max over the data of "
-        "max(1, ||x||_inf) * D; observed_max: max over the data of ||R_orig(x) - R_pruned(x)||_1. "
-        "All columns in structured.csv.\n")
-    paths["md"].write_text(md)
-    plot(rows, out / "structured.png", title)
-    log(f"wrote {', '.join(str(p) for p in paths.values())}, {out / 'structured.png'}")
+    write_results(rows, notes, c, len(ref[1]))
+    log(f"wrote {Path(c.out) / 'structured'}.csv/.md/.json/.png")
     return rows
 
 
+def write_results(rows, notes, c: Config, n_images):
+    """``structured.{csv,json,md,png}`` under ``c.out``; the Markdown table ends with the notes and the
+    rank agreement of the certificate with the accuracy drop within each model and MACs level."""
+    out = Path(c.out)
+    desc = c.data if all(m in CIFAR_MODELS for m in c.models) else "imagenet"
+    bn = f"batch-norm re-estimated on {c.bn_images} training images" if c.reestimate_bn else "no re-estimation"
+    title = (f"Structured pruning at equal MACs removed (torch-pruning MetaPruner), {desc}, {n_images} images, "
+             f"{bn}, fine-tune {c.finetune_epochs} epoch(s)")
+    paths = write_table(rows, out, "structured", title, COLUMNS, FORMATS)
+    tuned = c.finetune_epochs > 0
+    md_columns = [col for col in MD_COLUMNS if tuned or not col.endswith("finetuned")]
+    md = markdown_table(rows, md_columns, FORMATS, title)
+    md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n" + (
+        "- macs/params: torch-pruning's count_ops_and_params without the frozen 0/1 shortcut convolutions; "
+        "ratio: the channel ratio the bisection found for macs_target; top1_one_shot: before the re-estimation; "
+        "D_relative_masks: exact path-metric lost by the pruning alone / ||Phi(original)||_1; D_relative: the "
+        "same for the evaluated network (top1); certified_bound: max over the data of max(1, ||x||_inf) * D; "
+        "observed_max: max over the data of ||R_orig(x) - R_evaluated(x)||_1. All columns in structured.csv.\n")
+    md += ("\nSpearman rank correlation, within one model and MACs level, between D / ||Phi|| and the top-1 drop "
+           "(1 = the certificate orders the rows exactly as accuracy does):\n\n")
+    md += harness.rank_agreement(rows, ("model", "macs_target"), ("D_relative_masks", "D_relative"),
+                                 formats={"macs_target": ".0%"})
+    if tuned:
+        md += "\nAfter the fine-tune:\n\n" + harness.rank_agreement(
+            rows, ("model", "macs_target"), ("D_relative_masks", "D_relative_finetuned"), accuracy="top1_finetuned",
+            formats={"macs_target": ".0%"})
+    paths["md"].write_text(md)
+    plot(rows, out / "structured.png", title)
+
+
 def plot(rows, path, subtitle=""):
-    """Top-1 against the fraction of MACs removed: one line per importance, one panel per model and scope
-    (dashed: after fine-tuning)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Per model: top-1 against the fraction of MACs removed, one panel per scope (solid: after the
+    re-estimation, dashed: after the fine-tune), and top-1 against the certified ``D / ||Phi||`` of the
+    masks (every row; the certificate ranks the rows well when this falls from left to right)."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     scopes = list(dict.fromkeys(r["scope"] for r in rows))
-    imps = list(dict.fromkeys(r["importance"] for r in rows))
-    fig, axes = plt.subplots(len(models), len(scopes), figsize=(5.2 * len(scopes), 4.0 * len(models)),
-                             squeeze=False)
+    colors = {imp: f"C{k}" for k, imp in enumerate(dict.fromkeys(r["importance"] for r in rows))}
+    tuned = any(r["top1_finetuned"] != "" for r in rows)
+    fig, axes = harness.figure(len(models), len(scopes) + 1, panel=(5.0, 4.0))
     for i, m in enumerate(models):
+        mine = [r for r in rows if r["model"] == m]
         for j, sc in enumerate(scopes):
             ax = axes[i][j]
-            sel = [r for r in rows if r["model"] == m and r["scope"] == sc]
-            if sel:
-                ax.axhline(sel[0]["top1_unpruned"], color="gray", lw=0.8, ls=":", label="unpruned")
-            for k, imp in enumerate(imps):
-                pts = sorted((100 * r["macs_removed"], r["top1"], r["top1_finetuned"]) for r in sel
-                             if r["importance"] == imp)
+            ax.axhline(mine[0]["top1_unpruned"], color="gray", lw=0.8, ls=":", label="unpruned")
+            for imp, color in colors.items():
+                pts = sorted((100 * r["macs_removed"], r["top1"], r["top1_finetuned"]) for r in mine
+                             if r["importance"] == imp and r["scope"] == sc)
                 if not pts:
                     continue
-                color = f"C{k}"
-                style = dict(lw=2.2) if imp.startswith("path-metric") else dict(lw=1.2)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=imp, **style)
-                ft = [(p[0], p[2]) for p in pts if p[2] != ""]
-                if ft:
-                    ax.plot(*zip(*ft), marker="x", ls="--", color=color, **style)
-            ax.set_title(f"{m}, {sc} ranking", fontsize=10)
-            ax.set_xlabel("MACs removed (%)")
-            ax.set_ylabel("top-1 (%)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle(subtitle + ("\n(dashed: after fine-tuning)" if any(r["top1_finetuned"] != "" for r in rows) else ""),
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m pathsaliency.recipes.structured", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet20"], choices=list(CIFAR_MODELS + IMAGENET_MODELS),
-                   metavar="MODEL", help="resnet20 resnet32 (resnet44 resnet56) imagenet:resnet18 imagenet:resnet50")
-    p.add_argument("--importances", nargs="+", default=["path-metric", "l1", "taylor"], choices=list(IMPORTANCES),
-                   metavar="IMP", help=" ".join(IMPORTANCES))
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6], help="channel pruning ratios")
-    p.add_argument("--scope", default="both", choices=["local", "global", "both"])
-    p.add_argument("--iterative-steps", type=int, default=1)
-    p.add_argument("--round-to", type=int, help="keep channel counts multiples of this")
-    p.add_argument("--max-pruning-ratio", type=float, default=1.0, help="cap per layer (global ranking)")
-    p.add_argument("--data", default="test", choices=["test", "sample", "torchvision"], help="CIFAR-10 evaluation data")
-    p.add_argument("--limit", type=int, help="use only the first N evaluation images")
-    p.add_argument("--check-limit", type=int, default=1000,
-                   help="images on which the zeroed copy is compared with the pruned model (0: all)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model")
-    p.add_argument("--train-limit", type=int, help="use only N training images (fine-tuning, calibration)")
-    p.add_argument("--train-data", default="train", choices=["train", "sample"],
-                   help="CIFAR-10 training data; 'sample' = the packaged test sample as a stand-in (tests only)")
-    p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--finetune-batch-size", type=int, default=128)
-    p.add_argument("--calib-batches", type=int, default=4, help="batches of training data for taylor gradients")
-    p.add_argument("--calib-batch-size", type=int, default=64)
-    p.add_argument("--imagenet-dir", help="ImageFolder root (val/ and optionally train/) for imagenet:* models")
-    p.add_argument("--image-size", type=int, default=224, help="imagenet crop size (resize to size*256/224 first)")
-    p.add_argument("--pretrained", action="store_true", help="torchvision's ImageNet weights (downloads them)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers (fine-tuning, ImageFolder)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 is often faster "
-                   "on a small shared machine)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/structured")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+                style = dict(color=color, lw=2.2 if imp.startswith("path-metric") else 1.2)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=imp, **style)
+                if tuned:
+                    ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", **style)
+            harness.label(ax, f"{m}, {sc} ranking" + (" (dashed: fine-tuned)" if tuned else ""), "MACs removed (%)",
+                          "top-1 (%)")
+        ax = axes[i][-1]
+        markers = dict(zip(dict.fromkeys(r["macs_target"] for r in mine), "os^Dv"))
+        for r in mine:
+            ax.scatter([r["D_relative_masks"]], [r["top1"]], color=colors[r["importance"]],
+                       marker=markers[r["macs_target"]], facecolors="none" if r["scope"] == "local" else None)
+        for t, mk in markers.items():
+            ax.scatter([], [], color="gray", marker=mk, label=f"{t:.0%} MACs removed")
+        ax.scatter([], [], facecolors="none", edgecolors="gray", marker="o", label="local (filled: global)")
+        harness.label(ax, f"{m}: certificate vs accuracy (colours as left)", "D / ||Phi||_1 of the masks", "top-1 (%)")
+    harness.save(fig, path, subtitle)
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    run(a.models, a.data, a.importances, a.ratios, a.scope, a.iterative_steps, a.round_to, a.max_pruning_ratio,
-        a.seed, a.out, a.limit, a.finetune_epochs, a.train_limit, a.train_data, a.finetune_lr,
-        a.finetune_batch_size, a.calib_batches, a.calib_batch_size, a.check_limit, a.imagenet_dir, a.image_size,
-        a.pretrained, a.device, a.workers, progress=not a.no_progress,
-        log=(print if is_main_process() else (lambda *_: None)))
+    return harness.main(Config, run, argv, prog="python -m pathsaliency.recipes.structured", description=__doc__,
+                        choices={"models": list(CIFAR_MODELS + IMAGENET_MODELS), "importances": list(IMPORTANCES),
+                                 "scope": ["local", "global", "both"], "data": ["test", "sample", "torchvision"],
+                                 "train_data": ["train", "sample"]})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 rescaling attack.
 
 For each model and each global sparsity, every criterion of :data:`pathsaliency.pruning.CRITERIA`
-(``path-magnitude``, ``magnitude``, and the invariant ``balanced``, ``balanced-lamp``, ``path-lamp`` of
-:mod:`pathsaliency.criteria`), each on the pretrained network and, as ``<criterion> (rescaled)``, on a
+(``path-magnitude``, ``magnitude``, and the invariant ``norm-balanced-lamp``, ``wanda-lamp`` (data-aware), ``balanced-fan``,
+``balanced``, ``balanced-lamp``, ``path-lamp`` of :mod:`pathsaliency.criteria`), each on the pretrained network and, as ``<criterion> (rescaled)``, on a
 function-preserving random rescaling of it (``random_rescale``, factors 1, 128, 4096): the network
 computes the same function, but plain weight magnitudes no longer say which weights matter; the
 path-lifting criteria are invariant by construction (their masks are compared with the unrescaled ones).
@@ -22,7 +22,6 @@ between ``D / ||Phi||`` and the accuracy drop.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,20 +30,22 @@ from typing import Optional, Tuple
 import torch
 
 import pathsaliency as ps
+from pathsaliency import evaluate
 from pathsaliency.bound import CertificateViolation, check_bound, rounding_allowance  # noqa: F401 (raised)
 from pathsaliency.models.cifar_resnet import load_cifar_resnet
 from pathsaliency.pruning import CRITERIA as KINDS
 from pathsaliency.pruning import apply_masks, masks_from_scores, unstructured_scores
 
 from .cifar10 import cifar10
-from .common import as_tensors, deviation, predict, reestimate_batchnorm, seed_everything, top1, write_table
-from .harness import parse, spearman
+from .common import as_tensors, reestimate_batchnorm, seed_everything, top1, write_table
+from . import harness
+from .harness import spearman
 from .training import finetune
 
 CRITERIA = {name: (kind, rescaled) for kind in KINDS for rescaled in (False, True)  # name -> (criterion, rescaled)
             for name in [kind + (" (rescaled)" if rescaled else "")]}
-DEFAULT_CRITERIA = ("path-magnitude", "magnitude", "balanced-fan", "magnitude (rescaled)", "path-magnitude (rescaled)",
-                    "balanced-fan (rescaled)")
+DEFAULT_CRITERIA = ("path-magnitude", "magnitude", "norm-balanced-lamp", "wanda-lamp", "balanced-fan",
+                    "magnitude (rescaled)", "norm-balanced-lamp (rescaled)", "wanda-lamp (rescaled)")
 INPUT_SHAPE = (3, 32, 32)
 COLUMNS = ["model", "criterion", "sparsity", "top1_one_shot", "top1", "log10_D", "D_relative", "D_relative_masks",
            "certified_bound", "observed_max", "observed_mean", "exact", "same_masks_as_unrescaled", "bn_reestimated",
@@ -64,7 +65,8 @@ class Config:
     criteria: Tuple[str, ...] = DEFAULT_CRITERIA
     factors: Tuple[float, ...] = field(default=(1, 128, 4096), metadata={"help": "random rescaling factors"})
     reestimate_bn: bool = field(default=True, metadata={"help": "re-estimate batch-norm statistics after pruning"})
-    bn_images: int = field(default=1024, metadata={"help": "training images for the batch-norm re-estimation"})
+    bn_images: int = field(default=1024, metadata={"help": "training images for the batch-norm re-estimation and the "
+                                                              "data-aware criteria's calibration"})
     one_shot_accuracy: bool = field(default=True, metadata={"help": "also evaluate before the re-estimation"})
     finetune_epochs: int = field(default=0, metadata={"help": "fine-tune on the JPEG train set before pruning"})
     finetune_after_epochs: int = field(default=0, metadata={"help": "fine-tune each pruned model (masks kept)"})
@@ -93,7 +95,7 @@ def run(config: Config = Config(), log=print):
     seed_everything(c.seed)
     out = Path(c.out)
     X, Y = load_data(c.data, c.limit, c.progress)
-    calib = bn_images(c.bn_images) if c.reestimate_bn else None
+    calib = bn_images(c.bn_images)
     rows = []
     for name in c.models:
         ref = load_cifar_resnet(name)
@@ -106,7 +108,8 @@ def run(config: Config = Config(), log=print):
                 return finetune(pruned, cifar10("train", augment=True, limit=c.train_limit), c.finetune_after_epochs,
                                 masks=masks, seed=c.seed, progress=c.progress)
         rows += compare(name, ref, (X, Y), INPUT_SHAPE, c.sparsities, c.criteria, c.factors, seed=c.seed,
-                        finetune_after=after, bn_data=calib, one_shot_accuracy=c.one_shot_accuracy, log=log)
+                        finetune_after=after, bn_data=calib if c.reestimate_bn else None, calibration=calib,
+                        one_shot_accuracy=c.one_shot_accuracy, log=log)
     title = f"Unstructured pruning on CIFAR-10 ({c.data}, {len(X)} images)"
     paths = write_table(rows, out, "unstructured", title, COLUMNS, FORMATS)
     with open(paths["md"], "a") as f:
@@ -133,35 +136,25 @@ def rank_agreement(rows) -> str:
 
 
 def outputs(model, data, device="cpu", progress=False):
-    """``(logits, labels, input bounds)`` of ``model`` (evaluated as is: call ``.eval()`` first) on ``data``:
-    an ``(X, Y)`` pair of tensors (batches of 500) or an iterable of ``(x, y)`` batches (a DataLoader, for
-    data too large to hold in memory). The input bound of a sample is ``max(1, ||x||_inf)``. On another
-    ``device`` a copy of the model is evaluated (the certificates are computed on the CPU copy)."""
-    if torch.device(device) != torch.device("cpu"):
-        model = copy.deepcopy(model).to(device)
+    """``(logits, labels, input bounds)`` of ``model`` on ``data``: an ``(X, Y)`` pair of tensors (batches of
+    500) or an iterable of ``(x, y)`` batches (a DataLoader, for data too large to hold in memory), through
+    :func:`pathsaliency.evaluate.outputs` (the input bound of a sample is ``max(1, ||x||_inf)``; on another
+    ``device`` the model itself never moves)."""
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
         X, Y = data
-        return predict(model, X, device=device), Y, X.reshape(len(X), -1).abs().amax(1).double().clamp_min(1.0)
-    if progress:
-        from tqdm.auto import tqdm
-
-        data = tqdm(data, desc="evaluate", leave=False)
-    logits, labels, bounds = [], [], []
-    with torch.no_grad():
-        for x, y in data:
-            logits.append(model(x.to(device)).float().cpu())
-            labels.append(torch.as_tensor(y))
-            bounds.append(x.reshape(len(x), -1).abs().amax(1).double().clamp_min(1.0))
-    return torch.cat(logits), torch.cat(labels), torch.cat(bounds)
+        data = [(X[i:i + 500], Y[i:i + 500]) for i in range(0, len(X), 500)]
+    out = evaluate.outputs(model, data, device=device, progress=progress)
+    return out.outputs.float(), out.labels, out.input_bounds
 
 
 def compare(name, ref, data, input_shape=INPUT_SHAPE, sparsities=(0.1, 0.2, 0.4, 0.6, 0.8), criteria=DEFAULT_CRITERIA,
-            factors=(1, 128, 4096), seed=0, finetune_after=None, bn_data=None, one_shot_accuracy=True, device="cpu",
-            progress=False, log=print):
+            factors=(1, 128, 4096), seed=0, finetune_after=None, bn_data=None, calibration=None, one_shot_accuracy=True,
+            device="cpu", progress=False, log=print):
     """The rows of one reference network ``ref`` (called ``name``, in eval mode, on the CPU) on ``data`` (see
     :func:`outputs`), whose samples have shape ``input_shape``: every criterion at every sparsity, each pruned
     network's certified distance and bound checked against its observed deviation on every sample.
-    ``bn_data`` (images), if given, re-estimates every pruned network's batch-norm statistics on them;
+    ``calibration`` (images) feeds the data-aware criteria (``wanda-lamp``: the same images for the
+    network and its rescaled copy); ``bn_data`` (images), if given, re-estimates every pruned network's batch-norm statistics on them;
     ``finetune_after(pruned, masks)``, if given, then returns it fine-tuned with its masks kept (on the
     CPU); ``one_shot_accuracy`` also evaluates it before those (``top1_one_shot``, None when skipped);
     ``device`` is where the networks are evaluated."""
@@ -176,7 +169,7 @@ def compare(name, ref, data, input_shape=INPUT_SHAPE, sparsities=(0.1, 0.2, 0.4,
         kind, on_rescaled = CRITERIA[crit]
         base = bases[on_rescaled]
         t0 = time.perf_counter()
-        scores = unstructured_scores(base, input_shape, kind)
+        scores = unstructured_scores(base, input_shape, kind, calibration=calibration)
         for sp in sparsities:
             masks = masks_from_scores(scores, sp)
             pruned = apply_masks(base, masks)
@@ -190,7 +183,7 @@ def compare(name, ref, data, input_shape=INPUT_SHAPE, sparsities=(0.1, 0.2, 0.4,
             logits = outputs(pruned, data, device, progress)[0]
             d = ps.path_metric(base, pruned, input_shape) if changed else d_masks
             bound = x_bound * d.value
-            observed = deviation(base_logits[on_rescaled], logits)
+            observed = evaluate.deviation(base_logits[on_rescaled], logits)
             check_bound(observed, bound, rounding_allowance(base_logits[on_rescaled], logits),
                         what=f"{name} {crit} {sp:.0%}")
             same = ""
@@ -246,9 +239,9 @@ def plot(rows, path, subtitle=""):
 
 
 def main(argv=None):
-    run(parse(Config, argv, prog="python -m pathsaliency.recipes.unstructured", description=__doc__,
-              choices={"criteria": list(CRITERIA), "data": ["test", "sample", "torchvision"],
-                       "models": ["resnet20", "resnet32"]}))
+    return harness.main(Config, run, argv, prog="python -m pathsaliency.recipes.unstructured", description=__doc__,
+                        choices={"criteria": list(CRITERIA), "data": ["test", "sample", "torchvision"],
+                                 "models": ["resnet20", "resnet32"]})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from typing import Any, List, Sequence
 from neural_compressor.torch.quantization import StaticQuantConfig
 from torch import nn
 
-from .._precision import candidate_distances, choose_float_layers, float_layers_of_theta
+from .. import _precision
+from .._precision import candidate_distances, choose_float_layers
 from .readback import effective_theta
 
 __all__ = ["keep_float_by_certificate", "float_layers_config", "float_layer_configs"]
@@ -28,25 +29,13 @@ def float_layers_config(float_layers: Sequence[str], **config_kwargs: Any) -> St
     return config
 
 
-def keep_float_by_certificate(
-    reference: nn.Module,
-    compressed: nn.Module,
-    input_shape: Any,
-    max_size: float,
-    *,
-    bits: int = 8,
-    example_inputs: Any = None,
-    output: Any = None,
-) -> List[str]:
-    """The layers of ``reference`` to keep float so that the weight size is at most ``max_size`` times the
-    float size and the summed single-layer certified distance of the quantized rest is smallest.
-
-    ``compressed``: ``reference`` with every layer quantized by INC (e.g. ``quantize_static_int8``); its
-    single-layer distances ``D_l`` (``layer_distances(reference, effective_theta(compressed, reference))``)
-    rank the layers, see ``choose_float_layers``.
-    """
-    theta = effective_theta(compressed, reference, example_inputs=example_inputs)
-    return float_layers_of_theta(reference, theta, input_shape, max_size, bits=bits, output=output)
+def keep_float_by_certificate(reference: nn.Module, compressed: nn.Module, input_shape: Any, max_size: float,
+                              **options: Any) -> List[str]:
+    """``integrations._precision.keep_float_by_certificate`` with INC's read-back ``effective_theta``:
+    ``compressed`` is ``reference`` with every layer quantized by INC (e.g. ``quantize_static_int8``);
+    ``options``: ``bits=8``, ``example_inputs``, ``output``."""
+    return _precision.keep_float_by_certificate(effective_theta, reference, compressed, input_shape, max_size,
+                                                **options)
 
 
 def float_layer_configs(

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import fx, nn
 
+from pathsaliency import steps
+
 from .. import _weights
 from .quantize import _as_tuple
 
@@ -152,9 +154,10 @@ def _bn_foldings(
 ) -> List[Dict[str, Any]]:
     """Every batch norm of the exported reference graph, with the conv/linear feeding it if any.
 
-    ``kind`` is ``"conv"``, ``"conv_t"`` or ``"linear"`` when PT2E may have
-    folded the batch norm into that producer (``weight``/``bias`` are then the
-    producer's parameter names), ``None`` otherwise.  ``exported``: the reference
+    ``step`` is the producer's affine step class (``steps.ConvStep``,
+    ``ConvTransposeStep`` or ``LinearStep``) when PT2E may have folded the batch
+    norm into it (``weight``/``bias`` are then the producer's parameter names),
+    ``None`` otherwise.  ``exported``: the reference
     already exported (unprepared) with these inputs, to skip exporting it again.
     """
     from neural_compressor.torch.export import export
@@ -170,7 +173,7 @@ def _bn_foldings(
         for key in ("weight", "bias", "running_mean", "running_var"):
             arg = bn.get(key)
             names[key] = arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-        fold: Dict[str, Any] = {"kind": None, "weight": None, "bias": None, "bn": names, "eps": float(bn["eps"])}
+        fold: Dict[str, Any] = {"step": None, "weight": None, "bias": None, "bn": names, "eps": float(bn["eps"])}
         out.append(fold)
         producer = node.args[0]
         kind = _aten_name(producer) if isinstance(producer, fx.Node) else None
@@ -182,7 +185,8 @@ def _bn_foldings(
             continue
         if b_arg is not None and not (isinstance(b_arg, fx.Node) and b_arg.op == "get_attr"):
             continue
-        fold["kind"] = "conv_t" if kind in _CONV_T_TARGETS else ("linear" if kind == "linear" else "conv")
+        fold["step"] = (steps.ConvTransposeStep if kind in _CONV_T_TARGETS
+                        else steps.LinearStep if kind == "linear" else steps.ConvStep)
         fold["weight"] = w_arg.target
         fold["bias"] = None if b_arg is None else b_arg.target
     return out
@@ -220,16 +224,16 @@ def _unfold_bn(
     affine = (ref_tensor(bn["weight"]), ref_tensor(bn["bias"]))
     ones = torch.ones_like(w_ref)
     # the fusion applied to an all-ones weight and no bias gives s (broadcast to w's shape) and b0
-    if fold["kind"] == "linear":
+    if fold["step"] is steps.LinearStep:
         scale, bias0 = torch.nn.utils.fusion.fuse_linear_bn_weights(ones, None, *stats, *affine)
     else:
         scale, bias0 = torch.nn.utils.fusion.fuse_conv_bn_weights(
-            ones, None, *stats, *affine, transpose=fold["kind"] == "conv_t"
+            ones, None, *stats, *affine, transpose=fold["step"] is steps.ConvTransposeStep
         )
     scale, bias0 = scale.detach(), bias0.detach()
     values[w_name] = _safe_div(values[w_name].detach().to(w_ref), scale, w_ref)
 
-    channel_dim = 1 if fold["kind"] == "conv_t" else 0
+    channel_dim = fold["step"].weight_dims[0]  # the weight's output-channel dim
     s_channel = scale.transpose(0, channel_dim).flatten(1)[:, 0]
     folded_bias_name = b_name if b_name is not None else w_name + "_bias"
     folded_bias = direct.get(folded_bias_name)
@@ -288,7 +292,7 @@ def _folds(
     for fold in foldings:
         if any(n in used for n in fold["bn"].values() if n is not None):
             continue  # this batch norm is still in the quantized graph: nothing was folded
-        if fold["kind"] is None:
+        if fold["step"] is None:
             raise ValueError(
                 f"{_SOURCE}: batch norm {fold['bn']} is gone from the quantized graph but does not "
                 "follow a conv/linear; cannot map its effect back onto the reference"

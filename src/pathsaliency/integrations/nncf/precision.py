@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 import nncf
 from torch import nn
 
-from .._precision import float_layers_of_theta
+from .. import _precision
 from .quantize import _model_input, compress_weights, quantize_int8
 from .readback import effective_theta
 
@@ -27,26 +27,13 @@ def ignored_scope(layers: Sequence[str]) -> "nncf.IgnoredScope":
     return nncf.IgnoredScope(patterns=patterns, validate=False)
 
 
-def keep_float_by_certificate(
-    reference: nn.Module,
-    compressed: nn.Module,
-    input_shape: Any,
-    max_size: float,
-    *,
-    bits: int = 8,
-    example_inputs: Any = None,
-    output: Any = None,
-) -> List[str]:
-    """The layers of ``reference`` to keep float so that the weight size is at most ``max_size`` times the
-    float size and the summed single-layer certified distance of the quantized rest is smallest.
-
-    ``compressed``: ``reference`` with every layer quantized to ``bits`` by NNCF (``quantize_int8`` or
-    ``compress_weights``); its single-layer distances ``D_l`` (``layer_distances(reference,
-    effective_theta(compressed, reference), input_shape)``) rank the layers, see ``choose_float_layers``.
-    Only layers whose weight NNCF changed are candidates.
-    """
-    theta = effective_theta(compressed, reference, example_inputs=example_inputs)
-    return float_layers_of_theta(reference, theta, input_shape, max_size, bits=bits, output=output)
+def keep_float_by_certificate(reference: nn.Module, compressed: nn.Module, input_shape: Any, max_size: float,
+                              **options: Any) -> List[str]:
+    """``integrations._precision.keep_float_by_certificate`` with NNCF's read-back ``effective_theta``:
+    ``compressed`` is ``reference`` with every layer quantized by NNCF (``quantize_int8`` or
+    ``compress_weights``); ``options``: ``bits=8``, ``example_inputs``, ``output``."""
+    return _precision.keep_float_by_certificate(effective_theta, reference, compressed, input_shape, max_size,
+                                                **options)
 
 
 def quantize_mixed_int8(

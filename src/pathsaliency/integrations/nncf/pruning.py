@@ -27,7 +27,7 @@ from torch import nn
 
 import pathsaliency
 from pathsaliency.lifting import sample_shape
-from pathsaliency.pruning import masks_from_scores
+from pathsaliency.pruning import CRITERIA, masks_from_scores, unstructured_scores
 
 from . import _compat
 from .quantize import HookSafeSequential
@@ -65,6 +65,8 @@ class _PruneState:
     scope: str
     output: Any = None
     dtype: torch.dtype = torch.float32
+    criterion: str = "path-magnitude"
+    calibration: Any = None
 
 
 # Pruned model -> its _PruneState.  Weak keys: the entry goes with the model.  (A deep copy of a
@@ -119,14 +121,10 @@ def pruning_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {name: hook.binary_mask.detach().clone().bool() for name, hook in _mask_hooks(model).items()}
 
 
-def _state_for(
-    model: nn.Module,
-    input_shape: Any = None,
-    scope: Optional[str] = None,
-    output: Any = None,
-    dtype: Optional[torch.dtype] = None,
-) -> _PruneState:
-    """The remembered state of ``model``, updated with the arguments that are given."""
+def _state_for(model: nn.Module, input_shape: Any, scope: Optional[str], **options: Any) -> _PruneState:
+    """The remembered state of ``model``, updated with the arguments that are given (not None):
+    ``input_shape``, ``scope`` and the ``_PruneState`` fields in ``options`` (``output``, ``dtype``,
+    ``criterion``, ``calibration``)."""
     state = _PRUNED.get(model)
     if state is None:
         if input_shape is None:
@@ -142,11 +140,16 @@ def _state_for(
         state.input_shape = sample_shape(input_shape)
     if scope is not None:
         state.scope = _check_scope(scope)
-    if output is not None:
-        state.output = output
-    if dtype is not None:
-        state.dtype = dtype
+    for name, value in options.items():
+        if value is not None:
+            setattr(state, name, _check_criterion(value) if name == "criterion" else value)
     return state
+
+
+def _check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise ValueError(f"{_SOURCE}: criterion must be one of {CRITERIA}, got {criterion!r}")
+    return criterion
 
 
 @torch.no_grad()
@@ -198,11 +201,15 @@ def _count(ratio: float, numel: int) -> int:
     return int(round(ratio * numel))  # as pathsaliency.pruning.masks_from_scores
 
 
-def _path_magnitude(state: _PruneState) -> Dict[str, torch.Tensor]:
+def _scores(state: _PruneState) -> Dict[str, torch.Tensor]:
+    """The scores of ``state.criterion`` on the shadow network (higher = keep)."""
     # enable_grad: path_magnitude differentiates the path-norm, and a scheduler may well be stepped
     # inside a ``torch.no_grad()`` block
     with torch.enable_grad():
-        return pathsaliency.path_magnitude(state.shadow, state.input_shape, output=state.output, dtype=state.dtype)
+        if state.criterion == "path-magnitude":
+            return pathsaliency.path_magnitude(state.shadow, state.input_shape, output=state.output, dtype=state.dtype)
+        return unstructured_scores(state.shadow, state.input_shape, state.criterion, calibration=state.calibration,
+                                   output=state.output, dtype=state.dtype)
 
 
 @torch.no_grad()
@@ -214,8 +221,11 @@ def update_pruning_ratio(
     *,
     output: Any = None,
     dtype: Optional[torch.dtype] = None,
+    criterion: Optional[str] = None,
+    calibration: Any = None,
 ) -> Dict[str, torch.Tensor]:
-    """Recompute the ``UnstructuredPruningMask`` masks of ``model`` for ``ratio``, by path-magnitude.
+    """Recompute the ``UnstructuredPruningMask`` masks of ``model`` for ``ratio``, by path-magnitude
+    (or the ``criterion`` given to ``prune``).
 
     The path-magnitude counterpart of NNCF's ``update_pruning_ratio(model, mode, ratio)``
     (``nncf/torch/function_hook/pruning/magnitude/algo.py``).  The scores are those of the
@@ -240,11 +250,12 @@ def update_pruning_ratio(
     """
     ratio = _check_ratio(ratio)
     hooks = _mask_hooks(model)
-    state = _state_for(model, input_shape, scope, output, dtype)
+    state = _state_for(model, input_shape, scope, output=output, dtype=dtype, criterion=criterion,
+                       calibration=calibration)
     current = {name: hook.binary_mask.detach().bool() for name, hook in hooks.items()}
 
     _load_shadow(state.shadow, model, current)
-    scores = _path_magnitude(state)
+    scores = _scores(state)
     keys = _score_keys(state, scores, hooks)
     # the order of path_magnitude's keys: the ranking (and its ties) are those of masks_from_scores
     order = {key: i for i, key in enumerate(scores)}
@@ -259,18 +270,21 @@ def update_pruning_ratio(
     dense = None
     if revive:  # the ratio went down: rank the masked weights by their score without masks
         _load_shadow(state.shadow, model, None)
-        dense = _path_magnitude(state)
+        dense = _scores(state)
 
     def relative(s: Dict[str, torch.Tensor], n: str) -> torch.Tensor:
         # path_magnitude divides by ||Phi||_1: 0/0 = nan when the current network carries no path at
         # all (e.g. a whole layer masked); removing any weight then loses nothing: score 0
         return torch.nan_to_num(s[keys[n]].detach().to(torch.float64), nan=0.0)
 
+    # scores are >= 0; with top = 1 + the largest, masked weights rank below every unmasked one, in
+    # [-2 top, -top) by their dense score when some come back
+    top = 1.0 + max(float(relative(s, n).max()) for s in (scores, dense) if s is not None for n in names
+                    if s[keys[n]].numel())
     ranking = {}
     for n in names:
         score = relative(scores, n)
-        below = -2.0 + relative(dense, n) if dense is not None else torch.full_like(score, -1.0)
-        # relative scores lie in [0, 1]: masked weights rank below every unmasked one
+        below = relative(dense, n) - 2 * top if dense is not None else torch.full_like(score, -top)
         ranking[n] = torch.where(current[n].to(score.device), score, below.to(score.device))
     new = masks_from_scores(ranking, ratio, state.scope)
     for n in names:
@@ -288,6 +302,8 @@ def prune(
     ignored_scope: Optional["nncf.IgnoredScope"] = None,
     output: Any = None,
     dtype: torch.dtype = torch.float32,
+    criterion: str = "path-magnitude",
+    calibration: Any = None,
 ) -> nn.Module:
     """Unstructured path-magnitude pruning of a deep copy of ``model`` through ``nncf.prune``.
 
@@ -310,6 +326,10 @@ def prune(
         examples_inputs: model input NNCF traces; default ``torch.zeros(1, *input_shape)``.
         ignored_scope: ``nncf.IgnoredScope`` of weights (or ops) not to prune.
         output, dtype: forwarded to ``pathsaliency.path_magnitude``.
+        criterion: ``"path-magnitude"`` or another of ``pathsaliency.pruning.CRITERIA`` (e.g. the
+            rescaling-invariant ``"wanda-lamp"``, which keeps magnitude's accuracy; README), scored by
+            ``pathsaliency.pruning.unstructured_scores`` in place of path-magnitude.
+        calibration: inputs for the data-aware criteria (a tensor or an iterable of batches).
 
     Returns:
         The NNCF-pruned copy: ``nncf.pruning_statistic``, ``nncf.batch_norm_adaptation`` and
@@ -334,7 +354,7 @@ def prune(
     with torch.no_grad():  # drop NNCF's magnitude masks: score the dense network
         for hook in _compat.get_pruned_modules(pruned).values():
             hook.binary_mask.fill_(True)
-    _PRUNED[pruned] = _PruneState(shadow, shape, scope, output, dtype)
+    _PRUNED[pruned] = _PruneState(shadow, shape, scope, output, dtype, _check_criterion(criterion), calibration)
     update_pruning_ratio(pruned, ratio)
     return pruned
 
