@@ -37,58 +37,72 @@ def structure_signature(model: nn.Module, output) -> tuple:
     """What the captured graph depends on apart from tensor values: the module tree (names, types,
     identities), each module's attributes other than its tensors, submodules and hooks (recursively into
     plain objects), the identity, shape, dtype and device of every parameter and buffer, and ``output``.
-    Compare two signatures with :func:`same_signature`."""
+    A pair ``(plain, tensors)``: ``plain`` compares with ``==`` (types kept apart: ``True`` is not ``1``),
+    ``tensors`` holds private copies of tensor-valued attributes. Compare with :func:`same_signature`."""
+    frozen = []
     mods = tuple((name, id(m), type(m), _frozen({k: v for k, v in vars(m).items()
-                                                   if k not in _NOT_ATTRIBUTES and "hook" not in k}))
+                                                   if k not in _NOT_ATTRIBUTES and "hook" not in k}, frozen))
                  for name, m in model.named_modules(remove_duplicate=False))
     tensors = tuple((name, id(t), tuple(t.shape), t.dtype, t.device) for name, t in params.named_tensors(model).items())
-    return mods, tensors, repr(output)
+    return (mods, tensors, repr(output)), frozen
 
 
-def _frozen(v, depth=0):
-    """A comparable snapshot of an attribute value: plain values as they are, floats by their exact
-    hex, tensors as private copies, containers and plain objects element by element (to a depth of 6),
-    modules, functions and other objects by identity."""
-    if isinstance(v, _PLAIN):
+def _frozen(v, tensors, depth=0):
+    """A snapshot of an attribute value that compares with ``==`` exactly: ints, strings and ``None`` as
+    they are, other plain values (bools, enums, dtypes, ...) with their type, floats by their exact hex,
+    tensors as an index into ``tensors`` (which receives a private copy), containers and plain objects
+    element by element (to a depth of 6), modules, functions and other objects by identity."""
+    if type(v) in (int, str, type(None)):
         return v
+    if isinstance(v, _PLAIN):
+        return (type(v), v)
     if isinstance(v, float):
         return ("float", v.hex())
     if torch.is_tensor(v):
-        return v.detach().clone()
+        tensors.append(v.detach().clone())
+        return ("tensor", len(tensors) - 1, tuple(v.shape), v.dtype, v.device)
     if depth > 6 or isinstance(v, (nn.Module, type)) or callable(v):
         return ("object", type(v), id(v))
     if isinstance(v, (tuple, list)):
-        return (type(v), tuple(_frozen(x, depth + 1) for x in v))
+        return (type(v), tuple(_frozen(x, tensors, depth + 1) for x in v))
     if isinstance(v, dict):
-        return (type(v), tuple((_frozen(k, depth + 1), _frozen(x, depth + 1)) for k, x in v.items()))
+        return (type(v), tuple((_frozen(k, tensors, depth + 1), _frozen(x, tensors, depth + 1)) for k, x in v.items()))
     if isinstance(v, (set, frozenset)):
-        return (type(v), tuple(sorted((_frozen(x, depth + 1) for x in v), key=repr)))
+        return (type(v), tuple(sorted((_frozen(x, tensors, depth + 1) for x in v), key=repr)))
     if hasattr(v, "__dict__"):
-        return ("object", type(v), id(v), _frozen(vars(v), depth + 1))
+        return ("object", type(v), id(v), _frozen(vars(v), tensors, depth + 1))
     return ("object", type(v), id(v))
 
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def _words(t: torch.Tensor):
+    """The bytes of a contiguous tensor as the widest integer type its size and offset allow (a view),
+    or None (non-contiguous, or a dtype without a byte view)."""
+    if not t.is_contiguous() or t.dtype == torch.bool or t.is_complex() or t.is_quantized:
+        return None
+    t = t.detach().reshape(-1).view(torch.uint8)
+    for bytes_, dtype in _WORDS:
+        if t.numel() % bytes_ == 0 and t.storage_offset() % bytes_ == 0:
+            return t.view(dtype)
+    return None  # pragma: no cover - one byte always divides
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` and ``b`` (same shape, dtype, device) hold the same bits: exact, and about twice as fast as
-    ``torch.equal`` on floats (an integer compare; a NaN equals itself, -0.0 differs from 0.0)."""
-    bits = _BITS.get(a.element_size())
-    if bits is not None and a.is_floating_point() and a.is_contiguous() and b.is_contiguous():
-        a, b = a.detach().view(bits), b.detach().view(bits)
+    """``a`` and ``b`` (same shape, dtype, device) hold the same bits: exact (a NaN equals itself, -0.0
+    differs from 0.0), compared as 64-bit words where the layout allows (about three times as fast as
+    ``torch.equal`` on float32: the comparison is one model-sized read of both)."""
+    wa, wb = _words(a), _words(b)
+    if wa is not None and wb is not None and wa.dtype == wb.dtype:
+        return bool(torch.equal(wa, wb))
     return bool(torch.equal(a, b))
 
 
 def same_signature(a, b) -> bool:
-    """Equality of two :func:`structure_signature` values (tensors compared bit for bit)."""
-    if type(a) is not type(b):
-        return False
-    if torch.is_tensor(a):
-        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and same_bits(a, b)
-    if isinstance(a, tuple):
-        return len(a) == len(b) and all(same_signature(x, y) for x, y in zip(a, b))
-    return a == b
+    """Equality of two :func:`structure_signature` values (tensor attributes compared bit for bit)."""
+    (plain_a, tensors_a), (plain_b, tensors_b) = a, b
+    return plain_a == plain_b and all(same_bits(x, y) for x, y in zip(tensors_a, tensors_b))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -165,11 +179,11 @@ class Lifted:
         if self._values is not None and all(same_bits(self._values[n], t) for n, t in tensors.items()
                                             if n in self._values):
             return self.state
-        seen, values = set(), {}
+        old, seen, values = self._values or {}, set(), {}
         for name, t in tensors.items():  # a tied tensor once (the signature holds who shares what)
             if id(t) not in seen:
                 seen.add(id(t))
-                values[name] = t.detach().clone()
+                values[name] = _private_copy(t, old.get(name))
         self._values, self.state = values, next(_STATES)
         self._signed_cache, self._weights_cache = {}, {}
         return self.state
@@ -189,22 +203,40 @@ class Lifted:
             self._signed_cache = {dtype: self._signed(source, dtype, what)}
         return self._signed_cache[dtype]
 
-    def _signed(self, source, dtype, what) -> dict:
+    def _signed(self, source, dtype, what, absolute=False) -> dict:
         tensors = params.named_tensors(source)
         names = [n for s in self.plan.steps for n in params.step_tensor_names(s)]
         what = what if isinstance(source, nn.Module) else f"{what} (state dict)"
         params.check_finite(tensors, names, what)
         params.check_batchnorms(tensors, self.plan.steps, what)
-        return {node: params.effective(step, tensors, dtype, self.device) for node, step in self.plan.affine.items()}
+        return {node: params.effective(step, tensors, dtype, self.device, absolute)
+                for node, step in self.plan.affine.items()}
 
     def absolute(self, source, dtype, q=1) -> dict:
-        """node -> :class:`Weights` ``(|W|**q, |b|**q)`` (cached like :meth:`signed`)."""
-        signed = self.signed(source, dtype)
+        """node -> :class:`Weights` ``(|W|**q, |b|**q)`` (cached like :meth:`signed`; computed from the
+        tensors directly, without the signed values, unless those are cached)."""
         if source is not self._model():
-            return {node: Weights.absolute(w, b, q) for node, (w, b) in signed.items()}
+            return {node: Weights.absolute(w, b, q) for node, (w, b) in self._signed(source, dtype, "model").items()}
+        self.verify(source)
         if (dtype, q) not in self._weights_cache:
-            self._weights_cache = {(dtype, q): {node: Weights.absolute(w, b, q) for node, (w, b) in signed.items()}}
+            if dtype in self._signed_cache:
+                pairs = self._signed_cache[dtype].items()
+                weights = {node: Weights.absolute(w, b, q) for node, (w, b) in pairs}
+            else:
+                pairs = self._signed(source, dtype, "model", absolute=True).items()
+                weights = {node: Weights(w, b) if q == 1 else Weights.absolute(w, b, q) for node, (w, b) in pairs}
+            self._weights_cache = {(dtype, q): weights}
         return self._weights_cache[(dtype, q)]
+
+
+def _private_copy(t: torch.Tensor, buffer):
+    """A copy of ``t``'s values, written into ``buffer`` (the previous copy) when it has the same layout:
+    writing into memory that is already mapped is several times faster than a fresh allocation."""
+    t = t.detach()
+    if (buffer is not None and buffer.shape == t.shape and buffer.dtype == t.dtype and buffer.device == t.device
+            and buffer.stride() == t.stride()):
+        return buffer.copy_(t)
+    return t.clone()
 
 
 def lift(model: nn.Module, output=None) -> Lifted:

@@ -33,8 +33,10 @@ def named_tensors(source) -> Mapping[str, torch.Tensor]:
     raise TypeError(f"expected an nn.Module or a mapping of parameter names to tensors, got {type(source).__name__}")
 
 
-def effective(step, tensors: Mapping[str, torch.Tensor], dtype, device):
-    """The signed ``(W, b)`` of one affine step (``b`` may be None) in ``dtype`` on ``device``."""
+def effective(step, tensors: Mapping[str, torch.Tensor], dtype, device, absolute=False):
+    """The signed ``(W, b)`` of one affine step (``b`` may be None) in ``dtype`` on ``device``; with
+    ``absolute``, ``(|W|, |b|)`` (``|s * W| = |s| * |W|`` exactly: the folded product is made
+    non-negative in place, with no second weight-sized tensor)."""
     def get(name, required=True):
         t = tensors.get(name)
         if t is None:
@@ -44,25 +46,16 @@ def effective(step, tensors: Mapping[str, torch.Tensor], dtype, device):
         return t.detach().to(device=device, dtype=dtype)
 
     if isinstance(step, BatchNormStep):
-        return _bn_affine(step, get)
+        s, t = _bn_affine(step, get)
+        return (s.abs(), t.abs()) if absolute else (s, t)
     w = get(qualified(step.module, "weight"))
     b = get(qualified(step.module, "bias"), required=False)
     if step.bn is None:
-        return w, b
+        return (w.abs(), None if b is None else b.abs()) if absolute else (w, b)
     s, t = _bn_affine(step, get)
-    w = step.scale_outputs(w, s)
-    return w, (t if b is None else s * b + t)
-
-
-def bn_affine(step, tensors, dtype, device):
-    """``(s, t)``: the scale and shift of the step's batch-norm."""
-    def get(name, required=True):
-        t = tensors.get(name)
-        if t is None and required:
-            raise ArchitectureMismatchError(f"no tensor named '{name}' (needed by step '{step.name}')")
-        return None if t is None else t.detach().to(device=device, dtype=dtype)
-
-    return _bn_affine(step, get)
+    w = step.scale_outputs(w, s)  # a new tensor
+    b = t if b is None else s * b + t
+    return (w.abs_(), b.abs()) if absolute else (w, b)
 
 
 def _bn_affine(step, get):
@@ -78,12 +71,14 @@ def _bn_affine(step, get):
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], names, what="model"):
-    """Refuse NaN or infinite parameters, naming them and the model (``what``) they belong to."""
-    checked = [n for n in names if n in tensors and tensors[n].is_floating_point()]
+    """Refuse NaN or infinite parameters, naming them and the model (``what``) they belong to. One read
+    per tensor (``aminmax`` propagates NaN and shows an infinity), one read-back for all of them."""
+    checked = [n for n in names if n in tensors and tensors[n].is_floating_point() and tensors[n].numel()]
     if not checked:
         return
-    device = tensors[checked[0]].device  # one read-back for all tensors, not one per tensor
-    finite = torch.stack([torch.isfinite(tensors[n]).all().to(device) for n in checked]).tolist()
+    device = tensors[checked[0]].device
+    bounds = torch.stack([torch.stack(torch.aminmax(tensors[n].detach())).to(device, torch.float64) for n in checked])
+    finite = torch.isfinite(bounds).all(1).tolist()
     bad = [n for n, ok in zip(checked, finite) if not ok]
     if bad:
         raise PathSaliencyError(f"the {what} has NaN or infinite values in: {', '.join(bad)}")

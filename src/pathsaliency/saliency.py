@@ -49,28 +49,20 @@ def _canonical_names(tensors) -> dict:
 
 
 def _affine_weights_with_grad(lifted, model, dtype):
-    """Absolute weights whose conv/linear parts hang on leaves ``|W_raw|``, one per weight *tensor*
-    (a module called twice, or modules sharing a tensor, read one leaf), keyed by the tensor's canonical
-    name: ``|s * W| = |s| * |W|`` for a folded batch-norm scale ``s``."""
+    """The cached absolute weights of every step, the conv/linear ones as fresh autograd leaves over the
+    same memory (no copy; the cache itself is not changed), and ``{canonical tensor name: [its step
+    nodes]}``: a module called twice, or modules sharing a tensor, have one entry with several nodes."""
     tensors = params.named_tensors(model)
     canonical = _canonical_names(tensors)
-    leaves, weights = {}, {}
-    for node, (w, b) in lifted.signed(model, dtype).items():
+    weights, uses = {}, {}
+    for node, wts in lifted.absolute(model, dtype).items():
         step = lifted.plan.affine[node]
         if step.module is None:
-            weights[node] = Weights.absolute(w, b)
+            weights[node] = wts
             continue
-        raw = tensors[params.qualified(step.module, "weight")]
-        name = canonical[id(raw)]
-        leaf = leaves.get(name)
-        if leaf is None:
-            leaf = leaves[name] = raw.detach().to(device=lifted.device, dtype=dtype).abs().requires_grad_(True)
-        a = leaf
-        if step.bn is not None:
-            s, _ = params.bn_affine(step, tensors, dtype, lifted.device)
-            a = step.scale_outputs(leaf, s.abs())
-        weights[node] = Weights(a, None if b is None else b.abs())
-    return weights, leaves
+        weights[node] = Weights(wts.w.detach().requires_grad_(True), wts.b)
+        uses.setdefault(canonical[id(tensors[params.qualified(step.module, "weight")])], []).append(node)
+    return weights, uses
 
 
 def _reentrant_modules(lifted, model) -> list:
@@ -110,21 +102,31 @@ def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.fl
             "removal; compute those by path_metric(model, model_with_weight_zeroed)")
     shape = lifted.sample_shape(input_shape)
     with torch.enable_grad():  # also when the caller is under torch.no_grad()
-        weights, leaves = _affine_weights_with_grad(lifted, model, dtype)
-        if not leaves:
+        weights, uses = _affine_weights_with_grad(lifted, model, dtype)
+        if not uses:
             raise PathSaliencyError("the model has no conv or linear weight on a path to the output: "
                                     "path_magnitude has nothing to score")
         log2, env = norm_pass(lifted.plan, weights, shape, dtype=dtype, device=lifted.device)
-        out = env[lifted.plan.output]
-        total = out.t.sum(dtype=torch.float64)
-        total.backward()
+        total = env[lifted.plan.output].t.sum(dtype=torch.float64)
+        nodes = [n for ns in uses.values() for n in ns]
+        grads = dict(zip(nodes, torch.autograd.grad(total, [weights[n].w for n in nodes], allow_unused=True)))
+    # |W| * d||Phi||/d|W| of a step with a folded batch-norm scale s is |s W| * d||Phi||/d|s W| (chain rule per
+    # entry): the product of the leaf and its gradient, in the pass's dtype (the gradient is no more precise)
     scores = Scores()
     tensors = params.named_tensors(model)
     norm = float(total.detach())
-    for pname, leaf in leaves.items():
-        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        # in the pass's dtype: the gradient itself is no more precise than that
-        score = torch.mul(leaf.detach(), grad).mul_(1.0 / norm) if norm > 0 else torch.zeros_like(grad)  # no path
+    for pname, ns in uses.items():
+        score = None
+        for n in ns:
+            g = grads[n]
+            if g is None or not norm > 0:  # no path through it, or none at all
+                continue
+            g = g.mul_(weights[n].w.detach())
+            score = g if score is None else score.add_(g)
+        if score is None:
+            score = torch.zeros_like(weights[ns[0]].w, requires_grad=False)
+        else:
+            score.mul_(1.0 / norm)
         scores[pname] = score.to(tensors[pname].device).view_as(tensors[pname])
     scores.scale = PathValue(float(log2.detach()[0]))
     return scores
