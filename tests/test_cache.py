@@ -99,9 +99,13 @@ def _assert_fresh(score, m):
 @pytest.mark.parametrize("change", VALUE_CHANGES)
 @pytest.mark.parametrize("scorer", SCORERS)
 def test_a_value_written_between_two_calls_is_seen(scorer, change):
-    m, score = _net(), SCORERS[scorer]
+    _assert_change_seen(SCORERS[scorer], VALUE_CHANGES[change])
+
+
+def _assert_change_seen(score, change):
+    m = _net()
     before = score(m)
-    VALUE_CHANGES[change](m)
+    change(m)
     after = score(m)
     assert not torch.equal(before, after)
     _assert_fresh(score, m)
@@ -143,12 +147,7 @@ STRUCTURE_CHANGES = {"padding": _padding, "stride": _stride, "dilation": _dilati
 @pytest.mark.parametrize("change", STRUCTURE_CHANGES)
 @pytest.mark.parametrize("scorer", ["path_norm", "path_magnitude", "channel_saliency", "path_metric_state_dict"])
 def test_a_structural_change_between_two_calls_is_seen(scorer, change):
-    m, score = _net(), SCORERS[scorer]
-    before = score(m)
-    STRUCTURE_CHANGES[change](m)
-    after = score(m)
-    assert not torch.equal(before, after)
-    _assert_fresh(score, m)
+    _assert_change_seen(SCORERS[scorer], STRUCTURE_CHANGES[change])
 
 
 def test_max_pool_kernel_change_gives_the_new_norm():

@@ -76,6 +76,7 @@ import torch
 import torch.nn as nn
 
 from . import steps
+from .evaluate import batches
 from .lifting import compute_dtype, lift
 from .profile import profile
 from .params import qualified
@@ -203,8 +204,8 @@ def wanda_scores(model: nn.Module, names, calibration, *, output=None) -> dict:
         step = steps_of[name] = _step_of(lifted, mname)
         hooks.append(modules[mname].register_forward_hook(hook(mname, step.channel_dim)))
     with torch.no_grad():
-        for batch in _batches(calibration):
-            probe(batch)
+        for x, _ in batches(calibration):
+            probe(x)
     for h in hooks:
         h.remove()
     out = {}
@@ -225,17 +226,6 @@ def wanda_scores(model: nn.Module, names, calibration, *, output=None) -> dict:
 def _rms(acc):
     total, count = acc
     return (total / count).sqrt()
-
-
-def _batches(calibration):
-    """Input batches of ``calibration`` (a tensor: batches of 256 rows; an iterable: its items, the first
-    element of tuples)."""
-    if torch.is_tensor(calibration):
-        for i in range(0, len(calibration), 256):
-            yield calibration[i:i + 256]
-        return
-    for item in calibration:
-        yield item[0] if isinstance(item, (tuple, list)) else item
 
 
 def balanced_scores(model, input_shape, pm: dict, *, output=None, dtype=torch.float32) -> dict:
