@@ -19,3 +19,15 @@ def test_unstructured_recipe_with_batchnorm_reestimation(tmp_path):
     assert rescaled["same_masks_as_unrescaled"] is True and rescaled["top1"] == plain["top1"]
     assert "Spearman" in (tmp_path / "unstructured.md").read_text()
     assert (tmp_path / "unstructured.png").stat().st_size > 0
+
+
+def test_without_reestimation_or_data_aware_criteria_no_training_image_is_read(tmp_path, monkeypatch):
+    """The demo's path: only the packaged test images exist on a fresh machine."""
+    def no_training_images(n):
+        raise AssertionError("training images read")
+
+    monkeypatch.setattr(unstructured, "bn_images", no_training_images)
+    config = unstructured.Config(data="sample", limit=10, sparsities=(0.5,), reestimate_bn=False, progress=False,
+                                 criteria=("magnitude", "norm-balanced-lamp"), out=str(tmp_path))
+    rows = unstructured.run(config, log=lambda *a: None)
+    assert [r["bn_reestimated"] for r in rows] == [False, False]

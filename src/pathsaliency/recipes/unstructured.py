@@ -33,6 +33,7 @@ import pathsaliency as ps
 from pathsaliency import evaluate
 from pathsaliency.bound import CertificateViolation, check_bound, rounding_allowance  # noqa: F401 (raised)
 from pathsaliency.models.cifar_resnet import load_cifar_resnet
+from pathsaliency.criteria import DATA_CRITERIA
 from pathsaliency.pruning import CRITERIA as KINDS
 from pathsaliency.pruning import apply_masks, masks_from_scores, unstructured_scores
 
@@ -95,7 +96,8 @@ def run(config: Config = Config(), log=print):
     seed_everything(c.seed)
     out = Path(c.out)
     X, Y = load_data(c.data, c.limit, c.progress)
-    calib = bn_images(c.bn_images)
+    needs_images = c.reestimate_bn or any(CRITERIA[name][0] in DATA_CRITERIA for name in c.criteria)
+    calib = bn_images(c.bn_images) if needs_images else None  # training images: none ship with the package
     rows = []
     for name in c.models:
         ref = load_cifar_resnet(name)
