@@ -901,3 +901,87 @@ def test_unflatten_groups_score_what_physical_pruning_removes():
             _assert_score_is_loss(float(scores[j]), n0, lost, f"group {_root_name(group)}, channel {j}")
         if n == 4096:  # the 16 features of one transposed-conv channel go together: one score
             assert torch.equal(scores.view(256, 16), scores.view(256, 16)[:, :1].expand(256, 16))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Removal passes skip the input channels a removal already takes away whole
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_stream_groups_do_not_remove_the_next_stages_input_channels_again(monkeypatch):
+    """A residual stream's group also cuts the next stage's input channels, which read a channel the
+    removal has already zeroed: the pass drops those input masks (and so stops at the stage's end), with
+    the scores of the pass that keeps them."""
+    import pathsaliency.saliency as saliency
+
+    model = _randomized(_seeded(EXACT_MODELS["resnet18"][0]))
+    shape = (3, 16, 16)
+    DG = _graph(model, shape)
+    groups = [g for g in DG.get_all_groups(ignored_layers=[model.fc])
+              if len({r.module for r in group_removals(g) if r.side == "out"}) > 2]  # the residual streams
+    dropped = []
+    real = saliency._without_lost_inputs
+
+    def spy(plan, prof, masks, in_masks):
+        out = real(plan, prof, masks, in_masks)
+        dropped.append(len(in_masks) - len(out))
+        return out
+
+    monkeypatch.setattr(saliency, "_without_lost_inputs", spy)
+    shortcut = [PathMetricImportance(shape, dtype=F64, normalizer=None)(g) for g in groups]
+    assert len(groups) == 4 and all(k > 0 for k in dropped)
+    monkeypatch.setattr(saliency, "_without_lost_inputs", lambda plan, prof, masks, in_masks: in_masks)
+    model = copy.deepcopy(model)  # a fresh cache
+    full = [PathMetricImportance(shape, dtype=F64, normalizer=None)(g)
+            for g in _graph(model, shape).get_all_groups(ignored_layers=[model.fc])
+            if len({r.module for r in group_removals(g) if r.side == "out"}) > 2]
+    for a, b in zip(shortcut, full):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+class _HalfLostSum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 3, 1), nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.a(x) + self.b(x)))
+
+
+def test_an_input_channel_that_another_addend_still_feeds_is_removed(assert_untouched):
+    """Channel 1 of ``a`` removed with ``c``'s input channel 1: ``b`` still feeds that channel of the sum,
+    so the input removal is not redundant and is kept; the score is the zeroed copy's path-metric."""
+    import pathsaliency as ps
+
+    model = _randomized(_seeded(_HalfLostSum))
+    shape = (2, 5, 5)
+    removals = [ps.Removal("a", "out", torch.tensor([1, 2]), torch.tensor([0, 1])),
+                ps.Removal("c", "in", torch.tensor([1, 2]), torch.tensor([0, 1]))]
+    with assert_untouched(model):
+        scores = ps.channel_saliency(model, shape, removals, 2, dtype=F64)
+    for j in range(2):
+        d = path_metric(model, _zeroed(model, removals, j), shape, dtype=F64)
+        assert d.relative == pytest.approx(float(scores[j]), rel=1e-9, abs=1e-15)
+    kept_only_a = ps.channel_saliency(model, shape, removals[:1], 2, dtype=F64)
+    assert bool((scores > kept_only_a * (1 + 1e-9)).all())  # the input removal counts
+
+
+@pytest.mark.parametrize("progress, shown", [(True, True), (None, False), (False, False)])
+def test_an_exact_metapruner_step_shows_a_progress_bar_over_its_removal_passes(progress, shown, capsys):
+    """The long part of an exact step (the residual streams' removal passes) runs under a tqdm bar when
+    asked, by default only on a terminal (pytest's stderr is none); groups without removal passes show
+    none."""
+    pytest.importorskip("tqdm")
+    model = _randomized(_seeded(EXACT_MODELS["resnet18"][0]), dtype=torch.float32)
+    shape = (3, 16, 16)
+    imp = PathMetricImportance(shape, progress=progress)
+    DG = _graph(model, shape, torch.float32)
+    cheap = next(g for g in DG.get_all_groups(ignored_layers=[model.fc])
+                 if len({r.module for r in group_removals(g) if r.side == "out"}) <= 2)
+    imp(cheap)
+    assert capsys.readouterr().err == ""
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, *shape), importance=imp, pruning_ratio=0.3,
+                                  ignored_layers=[model.fc])
+    pruner.step()
+    err = capsys.readouterr().err
+    assert ("path-metric" in err and "ch/s" in err) == shown, err

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from . import ops
 from .errors import PathSaliencyError
-from .scaled import Scaled, align, log2_total, pow2, raw, renorm, total
+from .scaled import Scaled, align, log2_total, pow2, raw, renorm, settle, total
 from .steps import Weights
 
 _NODE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
@@ -133,7 +133,8 @@ class Interpreter:
 
 
 def apply_fixed(action, args, kwargs, q, bias=True):
-    """One fixed (non-parameterised) operator on scaled arguments; ``bias=False`` for a partial stream."""
+    """One fixed (non-parameterised) operator on scaled arguments; ``bias=False`` for a partial stream
+    (which is rescaled only where needed: :func:`~pathsaliency.scaled.settle`)."""
     leaves = []
     fx.node.map_aggregate((args, kwargs), lambda a: leaves.append(a) if isinstance(a, Scaled) else None)
     if action.combines:
@@ -149,7 +150,9 @@ def apply_fixed(action, args, kwargs, q, bias=True):
         out = out + b * pow2(-e, out.dim())
     if isinstance(out, (tuple, list)):
         return tuple(Scaled(o, e) for o in out)
-    return renorm(Scaled(out, e)) if action.renorms else Scaled(out, e)
+    if not action.renorms:
+        return Scaled(out, e)
+    return renorm(Scaled(out, e)) if bias else settle(Scaled(out, e))
 
 
 def apply_affine(step, x: Scaled, wts: Weights) -> Scaled:
@@ -312,7 +315,12 @@ class RemovalPass(Interpreter):
         d = env[step.input]
         if n in self.in_masks:
             d = self._inject(d, self.cache[step.input], self.in_masks[n], step.channel_dim)
-        d = None if d is None else renorm(Scaled(step.linear(d.t, self.weights[n].w), d.e))
+        if d is not None:
+            w = self.weights[n].w
+            x = d.t
+            if x.dim() == 4 and w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)  # the weights' layout (a no-op if it is)
+            d = settle(Scaled(step.linear(x, w), d.e))
         if n in self.masks:
             d = self._inject(d, self.cache[n], self.masks[n], step.channel_dim)
         return d
@@ -355,20 +363,23 @@ class RemovalPass(Interpreter):
         true loss is ``<d_raw, grad> * 2**(e_d - e_node + e_out)``."""
         num = self.num
         d = d.expand(num)
-        dot = (d.t.to(torch.float64) * grad.to(torch.float64)).reshape(num, -1).sum(1)
+        dot = (d.t * grad.to(torch.float64)).sum(tuple(range(1, d.t.dim())))  # float64 products, one kernel
         e = d.e.to(torch.float64) - full.e.to(torch.float64) + out.e.to(torch.float64)
         return torch.log2(dot) + e
 
     def _inject(self, d, full: Scaled, mask, dim):
-        """At removed channels the whole activation is lost: ``d[j, c] = full[c]`` where ``mask[j, c]``."""
+        """At removed channels the whole activation is lost: ``d[j, c] = full[c]`` where ``mask[j, c]``
+        (the one-sample ``full`` broadcast, multiplied only where a candidate's exponent differs)."""
         num, ndim = self.num, full.t.dim()
         shape = [num] + [1] * (ndim - 1)
         shape[dim % ndim] = mask.shape[1]
         m = mask.view(shape)
         if d is None:
-            d = Scaled(full.t.new_zeros(()).expand(num, *full.t.shape[1:]), full.e.expand(num))
+            return settle(Scaled(torch.where(m, full.t, full.t.new_zeros(())), full.e.expand(num)))
         (dt, ft), e = align([d, full])
-        return renorm(Scaled(torch.where(m, ft.expand_as(dt) if ft.shape[0] != dt.shape[0] else ft, dt), e))
+        if dt.dim() == 4 and dt.is_contiguous(memory_format=torch.channels_last):
+            ft = ft.contiguous(memory_format=torch.channels_last)  # one layout: a fast elementwise kernel
+        return settle(Scaled(torch.where(m, ft, dt), e))
 
 
 def norm_pass(plan, weights, input_shape, **kw):

@@ -24,7 +24,7 @@ from .errors import PathSaliencyError
 from .interpreter import norm_pass, removal_pass
 from .lifting import compute_dtype, lift
 from .norm import PathValue
-from .ops import ChannelMap
+from .ops import ChannelMap, Sum
 from .precision import ieee_float32
 from .profile import profile
 from .scaled import Scaled
@@ -154,7 +154,7 @@ class Removal:
 
 @ieee_float32()
 def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: int, *, exact=True, output=None,
-                     dtype=torch.float32, memory_budget=None, shard=None) -> torch.Tensor:
+                     dtype=torch.float32, memory_budget=None, shard=None, progress=None) -> torch.Tensor:
     """Relative path-metric lost by each of ``num_candidates`` structured removals (float64, CPU).
 
     ``removals``: :class:`Removal` items; candidate ``j`` removes every listed channel whose
@@ -170,6 +170,8 @@ def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: in
     ``shard="auto"`` (or a process group) splits the removal passes' candidates across the ranks of an
     initialised ``torch.distributed`` group (a collective call; every rank returns the whole vector,
     identical to one process: :mod:`pathsaliency.distributed`).
+    ``progress``: a callable ``progress(done, total)`` called after each chunk of candidates of a removal
+    pass (``done`` of ``total`` candidates on this rank), never for a group that needs none.
     """
     dtype = compute_dtype(dtype)
     lifted = lift(model, output)
@@ -198,7 +200,9 @@ def channel_saliency(model: nn.Module, input_shape, removals, num_candidates: in
     dependents = _dependents(plan, prof, masks, in_masks)
     if dependents is not None:
         return _first_visit(prof, masks, dependents, num_candidates)
-    return _removal_scores(lifted, prof, shape, masks, in_masks, num_candidates, dtype, memory_budget, shard)
+    in_masks = _without_lost_inputs(plan, prof, masks, in_masks)
+    return _removal_scores(lifted, prof, shape, masks, in_masks, num_candidates, dtype, memory_budget, shard,
+                           progress)
 
 
 def _first_visit(prof, masks, dependents, num):
@@ -275,6 +279,54 @@ def _channel_origins(plan, prof, roots) -> dict:
     return ids
 
 
+def _lost_channels(plan, prof, masks) -> dict:
+    """node -> bool ``(num, C)``: channels (dim 1) whose every neuron candidate ``j`` removes with all
+    their paths: a removed output channel, the same channel after operators that read channel ``c``
+    only (ReLU, pooling: ``ChannelMap.KEEP``), a sum whose inputs have all lost that channel, and the
+    channels of a concatenation that came lost."""
+    lost = {}
+    for n in plan.nodes:
+        if n in plan.static or not isinstance(prof.cache.get(n), Scaled):
+            continue
+        if n in plan.affine:
+            step = plan.affine[n]
+            if n in masks and step.channel_dim % prof.cache[n].t.dim() == 1:
+                lost[n] = masks[n]
+            continue
+        action = plan.actions.get(n)
+        inputs = [a for a in n.all_input_nodes if a not in plan.static]
+        if action is None or not inputs:
+            continue
+        if action.channels is ChannelMap.KEEP and inputs[0] in lost:
+            lost[n] = lost[inputs[0]]
+        elif isinstance(action, Sum) and len(inputs) == 2 and all(a in lost for a in inputs) and all(
+                prof.cache[a].t.shape == prof.cache[n].t.shape for a in inputs):
+            lost[n] = lost[inputs[0]] & lost[inputs[1]]
+        elif action.channels is ChannelMap.CONCAT and any(p in lost for p in n.args[0]):
+            num = next(lost[p] for p in n.args[0] if p in lost).shape[0]
+            lost[n] = torch.cat([lost[p] if p in lost else torch.zeros(num, prof.cache[p].t.shape[1], dtype=torch.bool)
+                                 for p in n.args[0]], 1)
+    return lost
+
+
+def _without_lost_inputs(plan, prof, masks, in_masks) -> dict:
+    """``in_masks`` without the input channels that the candidate's removed neurons already take away
+    whole (:func:`_lost_channels`): removing their edges too removes nothing more, so the removal pass
+    need not go past them (a residual stream's group lists the next stage's input channels)."""
+    if not in_masks:
+        return in_masks
+    lost = _lost_channels(plan, prof, masks)
+    out = {}
+    for n, m in in_masks.items():
+        step = plan.affine[n]
+        gone = lost.get(step.input)
+        if gone is not None and step.channel_dim % prof.cache[step.input].t.dim() == 1 and gone.shape == m.shape:
+            m = m & ~gone
+        if bool(m.any()):
+            out[n] = m
+    return out
+
+
 def _step_of(lifted, module):
     steps = lifted.plan.module_steps(module)
     if not steps:
@@ -285,7 +337,7 @@ def _step_of(lifted, module):
     return steps[0]
 
 
-def _removal_scores(lifted, prof, shape, masks, in_masks, num, dtype, budget, shard):
+def _removal_scores(lifted, prof, shape, masks, in_masks, num, dtype, budget, shard, progress=None):
     """Batched removal passes, in chunks of candidates whose recomputed activations fit ``budget`` bytes
     (about 8 live tensors of the largest activation that a removed neuron reaches, per candidate); the
     chunks are dealt to the ranks of ``shard``."""
@@ -297,14 +349,22 @@ def _removal_scores(lifted, prof, shape, masks, in_masks, num, dtype, budget, sh
     per_sample = 8 * largest * torch.finfo(dtype).bits // 8
     chunk = max(1, int(budget // per_sample))
     dev = lifted.device
+    weights = prof.removal_weights(plan)
     masks = {n: v.to(dev) for n, v in masks.items()}
     in_masks = {n: v.to(dev) for n, v in in_masks.items()}
 
+    done = 0
+
     def log2_lost(sl):
+        nonlocal done
         with torch.no_grad():
-            return removal_pass(plan, prof.weights, prof.cache, {n: v[sl] for n, v in masks.items()},
-                                {n: v[sl] for n, v in in_masks.items()}, sl.stop - sl.start, shape, dtype=dtype,
-                                device=dev, grads=prof.grads)
+            out = removal_pass(plan, weights, prof.cache, {n: v[sl] for n, v in masks.items()},
+                               {n: v[sl] for n, v in in_masks.items()}, sl.stop - sl.start, shape, dtype=dtype,
+                               device=dev, grads=prof.grads)
+        if progress is not None:
+            done += sl.stop - sl.start
+            progress(done, num)
+        return out
 
     slices = [slice(start, min(num, start + chunk)) for start in range(0, num, chunk)]
     log2 = distributed.map_chunks(log2_lost, slices, device=dev, shard=shard)

@@ -43,14 +43,36 @@ def renorm(x: Scaled) -> Scaled:
     return Scaled(t * pow2(-k, t.dim()), x.e + k)
 
 
+def settle(x: Scaled, slack: int = 16) -> Scaled:
+    """:func:`renorm` only where needed: on a CPU a value whose every sample's maximum lies in
+    ``[2**-slack, 2**slack]`` is returned as it is (the same number: rescaling by a power of two is exact,
+    so skipping it changes no later result), saving the multiplication over the whole tensor. On other
+    devices (no host round trip per operator) it is :func:`renorm`."""
+    t = x.t
+    if t.device.type != "cpu":
+        return renorm(x)
+    m = t.detach().amax(tuple(range(1, t.dim()))) if t.dim() > 1 else t.detach()  # in any memory layout
+    _, k = torch.frexp(m)
+    if bool((k.abs() <= slack).all()):
+        return x
+    k = k.to(t.dtype)
+    return Scaled(t * pow2(-k, t.dim()), x.e + k)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a == b`` everywhere (broadcasting), checked only on a CPU (elsewhere False: no host round trip)."""
+    return a.device.type == "cpu" and (a is b or bool((a == b).all()))
+
+
 def align(values):
-    """Bring several scaled tensors to a common exponent: returns the raw tensors and the exponent."""
+    """Bring several scaled tensors to a common exponent: returns the raw tensors and the exponent (a
+    tensor already at that exponent is returned as it is)."""
     if len(values) == 1:
         return [values[0].t], values[0].e
     e = values[0].e
     for v in values[1:]:
         e = torch.maximum(e, v.e)
-    return [v.t * pow2(v.e - e, v.t.dim()) for v in values], e
+    return [v.t if _same(v.e, e) else v.t * pow2(v.e - e, v.t.dim()) for v in values], e
 
 
 def total(terms) -> Scaled:

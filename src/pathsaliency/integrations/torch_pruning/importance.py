@@ -61,8 +61,6 @@ def sequential_scores(scores: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float64)
     out[order] = torch.tensor(step, dtype=torch.float64)
     return out
-    out[order] = torch.tensor(step, dtype=torch.float64)
-    return out
 
 
 def _ratio(a: torch.Tensor, b) -> torch.Tensor:
@@ -192,8 +190,9 @@ class PathMetricImportance(tp.importance.Importance):
             ``"max"``, ``"standarization"``, ``"gaussian"``, ``"lamp"``, ``"sentinel_<q>"`` or a callable,
             as in ``GroupMagnitudeImportance`` but never NaN.
         sequential: the older spelling: True is ``normalizer="sequential"``, False ``normalizer=None``.
-        progress: a tqdm bar over the candidates of long exact groups; None (default): on when tqdm is
-            installed and stderr is a terminal.
+        progress: a tqdm bar over the candidates of each group that needs removal passes (the long
+            part of an exact ``MetaPruner`` step: residual streams); None (default): on when tqdm is
+            installed and stderr is a terminal; False: never.
         shard: ``"auto"`` (default): under an initialised ``torch.distributed`` group (``torchrun``) the
             exact scores' removal passes are split across the ranks (identical scores, every rank gets
             them all; :mod:`pathsaliency.distributed`), so every rank must run the same pruner steps.
@@ -234,25 +233,26 @@ class PathMetricImportance(tp.importance.Importance):
         return shape
 
     def _saliency(self, model, shape, removals, size, where):
-        """``channel_saliency`` of the group; in chunks of candidates under a progress bar when shown."""
+        """``channel_saliency`` of the group, under a progress bar over the candidates of its removal
+        passes when shown (cheap groups need none and show none)."""
         kw = dict(exact=self.exact, output=self.output, dtype=self.dtype, shard=self.shard)
-        if not (self.exact and size >= 64 and _show_progress(self.progress)):
+        if not (self.exact and _show_progress(self.progress)):
             return channel_saliency(model, shape, removals, size, **kw)
         from tqdm.auto import tqdm
 
-        chunk = max(32, size // 16)
-        out = []
-        with tqdm(total=size, desc=f"path-metric {where}", unit="ch", leave=False) as bar:
-            for start in range(0, size, chunk):
-                stop = min(size, start + chunk)
-                part = []
-                for r in removals:
-                    sel = (r.candidate >= start) & (r.candidate < stop)
-                    if bool(sel.any()):
-                        part.append(type(r)(r.module, r.side, r.index[sel], r.candidate[sel] - start))
-                out.append(channel_saliency(model, shape, part, stop - start, **kw))
-                bar.update(stop - start)
-        return torch.cat(out)
+        bar = None
+
+        def progress(done, total):
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, desc=f"path-metric {where}", unit="ch", leave=False)
+            bar.update(done - bar.n)
+
+        try:
+            return channel_saliency(model, shape, removals, size, progress=progress, **kw)
+        finally:
+            if bar is not None:
+                bar.close()
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
