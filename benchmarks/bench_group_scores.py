@@ -9,7 +9,9 @@ Compares, on the same groups (every group of ``DependencyGraph.get_all_groups``,
 * ``PathMetricImportance(exact=False)``: the first-order approximation;
 * (a) recomputing the path-norm once per candidate channel (measured as the time of one repeated
   ``path_norm`` call times the number of candidates: a lower bound of that baseline);
-* (b) torch-pruning's ``MagnitudeImportance``.
+* (b) torch-pruning's ``MagnitudeImportance``;
+* ``step-exact`` / ``step-first-order``: one ``MetaPruner.step()`` (global, half the channels, classifier
+  ignored) with ``PathMetricImportance`` exact / ``exact=False``: scoring every group and pruning.
 
 Each method runs in a fresh process (so its peak resident memory is its own); times are ratios to one
 float32 forward pass of the model measured in that process.
@@ -21,7 +23,7 @@ import json
 import multiprocessing as mp
 
 
-def _measure(model_name, size, method, device, queue):
+def _measure(model_name, size, method, device, queue, threads=None):
     import torch
     import torch_pruning as tp
     import torchvision
@@ -30,24 +32,32 @@ def _measure(model_name, size, method, device, queue):
     from common import forward_time, median_time, peak_rss_mb, timed
     from pathsaliency.integrations.torch_pruning import PathMetricImportance
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name).eval().to(device)
     shape = (3, size, size)
-    fwd = forward_time(model, shape, repeat=5)
+    fwd = forward_time(model, shape, repeat=5)  # before and after: the ratio uses their mean
     base_rss = peak_rss_mb()
     DG = tp.DependencyGraph().build_dependency(model, torch.randn(1, *shape, device=device))
     groups = list(DG.get_all_groups(ignored_layers=[model.fc], root_module_types=[torch.nn.Conv2d, torch.nn.Linear]))
     candidates = sum(len(g[0].idxs) for g in groups)
-    imps = {"path-metric": lambda: PathMetricImportance(shape),
-            "first-order": lambda: PathMetricImportance(shape, exact=False),
+    imps = {"path-metric": lambda: PathMetricImportance(shape, progress=False),
+            "first-order": lambda: PathMetricImportance(shape, exact=False, progress=False),
             "magnitude": lambda: tp.importance.MagnitudeImportance(p=1)}
-    if method == "per-candidate":
+    if method.startswith("step-"):
+        imp = imps["path-metric" if method == "step-exact" else "first-order"]()
+        pruner = tp.pruner.MetaPruner(model, torch.randn(1, *shape, device=device), importance=imp, pruning_ratio=0.5,
+                                      global_pruning=True, ignored_layers=[model.fc])
+        sec, _ = timed(pruner.step)
+    elif method == "per-candidate":
         ps.path_norm(model, shape)
         per = median_time(lambda _: ps.path_norm(model, shape), repeat=5)
         sec = per * candidates
     else:
         imp = imps[method]()
         sec, _ = timed(lambda: [imp(g) for g in groups])
+    fwd = (fwd + forward_time(model, shape, repeat=5)) / 2
     queue.put({"model": model_name, "method": method, "device": device, "seconds": sec, "forward_ms": fwd * 1e3,
                "x_forward": sec / fwd, "groups": len(groups), "candidates": candidates,
                "peak_rss_mb": peak_rss_mb(), "extra_rss_mb": peak_rss_mb() - base_rss})
@@ -57,8 +67,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--methods", nargs="+", default=["path-metric", "first-order", "per-candidate", "magnitude"])
+    p.add_argument("--methods", nargs="+", default=["path-metric", "first-order", "per-candidate", "magnitude",
+                                                    "step-exact", "step-first-order"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in each process (default: torch's)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
@@ -66,7 +78,7 @@ def main():
     for m in args.models:
         for method in args.methods:
             q = ctx.Queue()
-            proc = ctx.Process(target=_measure, args=(m, args.size, method, args.device, q))
+            proc = ctx.Process(target=_measure, args=(m, args.size, method, args.device, q, args.threads))
             proc.start()
             row = q.get()
             proc.join()
@@ -80,6 +92,12 @@ def main():
         if "path-metric" in by and "per-candidate" in by:
             print(f"{m}: exact group scores are {by['per-candidate']['seconds'] / by['path-metric']['seconds']:.1f}x "
                   "faster than one path-norm per candidate")
+        if "path-metric" in by and "first-order" in by:
+            print(f"{m}: exact / first-order = {by['path-metric']['x_forward'] / by['first-order']['x_forward']:.1f} "
+                  "(ratio of their x-forward figures)")
+        if "step-exact" in by and "step-first-order" in by:
+            print(f"{m}: MetaPruner step exact / first-order = "
+                  f"{by['step-exact']['x_forward'] / by['step-first-order']['x_forward']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -458,6 +458,8 @@ PRUNER_CASES = {
     # raw scores: with sequential ones every group gives up a few channels each step and round_to=8 rounds
     # each cut up to 8 (a 16-channel layer goes 16 -> 8 in one step): 28 % of the conv channels are kept
     "unet-global-iterative": ("unet", 64, dict(global_pruning=True, iterative_steps=3, normalizer=None)),
+    # the sequential scores told round_to: channels come off in blocks that leave multiples of 8
+    "unet-global-iterative-round-to": ("unet", 64, dict(global_pruning=True, iterative_steps=3, importance_round_to=8)),
 }
 
 
@@ -481,7 +483,8 @@ def test_metapruner_prunes_to_half_the_channels_and_the_model_still_runs(case):
         out_shape = model(x).shape
     convs = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     options = dict(options)
-    importance = PathMetricImportance(normalizer=options.pop("normalizer", "sequential"))
+    importance = PathMetricImportance(normalizer=options.pop("normalizer", "sequential"),
+                                      round_to=options.pop("importance_round_to", None))
     pruner = tp.pruner.MetaPruner(model, x, importance=importance, pruning_ratio=0.5, round_to=8,
                                   ignored_layers=ignored, **options)
     for _ in range(options.get("iterative_steps", 1)):
@@ -985,3 +988,60 @@ def test_an_exact_metapruner_step_shows_a_progress_bar_over_its_removal_passes(p
     pruner.step()
     err = capsys.readouterr().err
     assert ("path-metric" in err and "ch/s" in err) == shown, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# MetaPruner's round_to under global pruning
+# ----------------------------------------------------------------------------------------------------
+
+
+def _unet_widths(importance, round_to):
+    torch.manual_seed(0)
+    model = TinyUNet(c=16).eval()
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=importance, pruning_ratio=0.5,
+                                  round_to=round_to, global_pruning=True, ignored_layers=[model.head])
+    pruner.step()
+    return [m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "head"]
+
+
+def test_round_to_rounds_every_groups_remaining_channels_down_after_the_global_threshold():
+    """The U-Net that keeps 28 %: torch-pruning applies the global threshold, then rounds each group's
+    remaining channels *down* to a multiple of round_to (``_round_to``), so every group loses up to 7
+    more. The sequential scores leave every group about the same count (11-15 of 16-64 here), all just
+    under 16: each drops to 8. Told round_to, the scores cut whole blocks and the ratio holds."""
+    total = 16 + 16 + 32 + 64 + 32 + 16
+    free = _unet_widths(PathMetricImportance((3, 32, 32)), None)
+    rounded = _unet_widths(PathMetricImportance((3, 32, 32)), 8)
+    assert rounded == [max(8, w - w % 8) for w in free]  # the same threshold, each count rounded down
+    assert abs(sum(free) / total - 0.5) <= 0.05 and sum(rounded) / total < 0.35
+    told = _unet_widths(PathMetricImportance((3, 32, 32), round_to=8), 8)
+    assert all(w % 8 == 0 for w in told) and 0.4 <= sum(told) / total <= 0.5
+
+
+def test_sequential_scores_in_blocks_of_round_to_keep_the_order_and_leave_multiples():
+    """Blocks of the sorted channels: the cheapest ``n mod k`` (``k`` when ``k`` divides ``n``), then ``k`` at
+    a time, so a cut between blocks leaves a multiple of ``k``; inside a block one score (up to the
+    ``2**-40`` steps of the strict order), and the block's score is what it removes of what is left."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((20, 8), (16, 8), (7, 3), (5, 8), (64, 4)):
+        raw = torch.rand(n, generator=g, dtype=F64) / n
+        s = sequential_scores(raw, k)
+        order = torch.sort(raw, stable=True).indices
+        v, r = s[order], raw[order]
+        assert bool((v[1:] > v[:-1]).all())  # the raw strict order, never constant
+        cuts = [0] + list(range(n % k or k, n + 1, k))
+        assert all((n - c) % k == 0 for c in cuts[1:])
+        for a, b in zip(cuts, cuts[1:]):
+            block = v[a:b]
+            assert float(block.max() / block.min()) <= 1 + 2.0 ** -38 * k  # one score
+            if b == n:  # the top block scores 1 (torch-pruning never empties a layer)
+                assert float(block.min()) >= 1 - 2.0 ** -38 * k
+            else:
+                removed = float(r[a:b].sum() / (1 - r[:a].sum()))
+                assert float(block.max()) == pytest.approx(removed, rel=1e-12)
+            if a:
+                assert float(block.min()) > float(v[a - 1]) * (1 + 2.0 ** -30)  # blocks stand apart
+    raw = torch.rand(9, generator=g, dtype=F64)
+    assert torch.equal(sequential_scores(raw, 1), sequential_scores(raw))
+    with pytest.raises(ValueError, match="round_to"):
+        PathMetricImportance(round_to=0)

@@ -21,7 +21,7 @@ _GAP = 2.0 ** -40  # relative gap that breaks a tie: far above float64 rounding,
 NORMALIZERS = (None, "sequential", "sum", "mean", "max", "standarization", "gaussian", "lamp", "sentinel_<q>")
 
 
-def sequential_scores(scores: torch.Tensor) -> torch.Tensor:
+def sequential_scores(scores: torch.Tensor, round_to: int = 1) -> torch.Tensor:
     """Scores for ranking the channels of many groups together (``global_pruning=True``).
 
     With the group's single-channel scores ``s`` sorted ascending and ``L_r = min(1, s_0 + ... + s_r)``
@@ -42,19 +42,35 @@ def sequential_scores(scores: torch.Tensor) -> torch.Tensor:
     above it (a gap that survives ``sqrt``). So the scores lie in ``[0, 1]`` and are never constant on two
     or more channels: a pruner that standardises ``sqrt(scores)`` by ``max - min`` (``GroupNormPruner``)
     never divides 0 by 0.
+
+    ``round_to = k > 1`` (``MetaPruner(round_to=k)``, which rounds every group's remaining channels
+    *down* to a multiple of ``k``): the channels come off in blocks that leave a multiple of ``k``
+    (the cheapest ``n mod k`` first, then ``k`` at a time), and every channel of a block scores what the
+    whole block removes of what is left (in the same strict order inside it; the top ``k`` score 1). A global threshold then
+    cuts whole blocks but in one group, so the rounding adds at most ``k - 1`` channels in all instead
+    of up to ``k - 1`` in every group.
     """
     n = len(scores)
     if n == 0:
         return scores.clone()
+    if int(round_to) != round_to or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     order = torch.sort(scores, stable=True).indices
     s = scores[order].to(torch.float64)
     lost = torch.cumsum(s, 0).clamp(max=1.0)
-    before = torch.cat([torch.zeros(1, dtype=torch.float64), lost[:-1]])
+    ends = torch.arange(n)
+    if round_to > 1:  # sorted position -> the last position of its block (a cut there leaves a multiple)
+        ends = ends + (n - 1 - ends) % int(round_to)
+    first = torch.zeros(n, dtype=torch.long)
+    first[1:] = torch.where(ends[1:] == ends[:-1], 0, torch.arange(1, n))
+    first = first.cummax(0).values  # sorted position -> the first position of its block
+    before = torch.cat([torch.zeros(1, dtype=torch.float64), lost])[first]
+    lost = lost[ends]
     left = 1.0 - before
     step = torch.where(left > 0, (lost - before) / left.clamp_min(torch.finfo(torch.float64).tiny),
                        torch.ones_like(left))
     step = step.clamp(0.0, 1.0)
-    step[-1] = 1.0
+    step[ends == n - 1] = 1.0  # the last channel (block): torch-pruning never empties a layer
     step = torch.cummax(step, 0).values.tolist()
     for r in range(n - 2, -1, -1):  # every non-zero score at least a relative _GAP below the next one
         step[r] = min(step[r], step[r + 1] * (1.0 - _GAP))
@@ -92,10 +108,10 @@ def _never_constant(s: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def normalized_scores(scores: torch.Tensor, normalizer="sequential") -> torch.Tensor:
+def normalized_scores(scores: torch.Tensor, normalizer="sequential", round_to: int = 1) -> torch.Tensor:
     """The group's single-channel scores ``scores`` as a pruner ranks them (float64).
 
-    ``normalizer``: ``"sequential"`` (:func:`sequential_scores`, the default of
+    ``normalizer``: ``"sequential"`` (:func:`sequential_scores` with ``round_to``, the default of
     :class:`PathMetricImportance`); ``None`` (the scores themselves); torch-pruning's
     ``GroupMagnitudeImportance`` normalisers with its formulas: ``"sum"``, ``"mean"``, ``"max"``
     (divide by it), ``"standarization"`` (``(s - min) / (max - min + 1e-8)``), ``"gaussian"``
@@ -107,7 +123,7 @@ def normalized_scores(scores: torch.Tensor, normalizer="sequential") -> torch.Te
     """
     s = scores.to(torch.float64)
     if normalizer == "sequential":
-        return sequential_scores(s)
+        return sequential_scores(s, round_to)
     if normalizer is None:
         out = s
     elif callable(normalizer):
@@ -190,6 +206,12 @@ class PathMetricImportance(tp.importance.Importance):
             ``"max"``, ``"standarization"``, ``"gaussian"``, ``"lamp"``, ``"sentinel_<q>"`` or a callable,
             as in ``GroupMagnitudeImportance`` but never NaN.
         sequential: the older spelling: True is ``normalizer="sequential"``, False ``normalizer=None``.
+        round_to: the ``round_to`` given to ``MetaPruner`` (with ``global_pruning=True``). It rounds every
+            group's remaining channels down to a multiple of it, after the threshold; with the sequential
+            scores (every group keeps about the same number of channels) that removes up to
+            ``round_to - 1`` more from every group (a U-Net asked for 50 % keeps 27 %). Given here, the
+            sequential scores come in blocks that leave multiples of it (:func:`sequential_scores`), so
+            the threshold cuts whole blocks.
         progress: a tqdm bar over the candidates of each group that needs removal passes (the long
             part of an exact ``MetaPruner`` step: residual streams); None (default): on when tqdm is
             installed and stderr is a terminal; False: never.
@@ -204,7 +226,7 @@ class PathMetricImportance(tp.importance.Importance):
     """
 
     def __init__(self, input_shape=None, exact=True, dtype=torch.float32, output=None, normalizer="sequential",
-                 progress=None, shard="auto", sequential=None):
+                 progress=None, shard="auto", sequential=None, round_to=None):
         self.input_shape = input_shape
         self.exact = exact
         self.dtype = dtype
@@ -214,6 +236,8 @@ class PathMetricImportance(tp.importance.Importance):
         if not (normalizer is None or callable(normalizer)):
             normalized_scores(torch.ones(2), normalizer)  # an unknown name fails here, not inside the pruner
         self.normalizer = normalizer
+        self.round_to = 1 if round_to is None else round_to
+        sequential_scores(torch.ones(1), self.round_to)  # a bad round_to fails here
         self.progress = progress
         self.shard = shard
         self._derived = weakref.WeakKeyDictionary()  # dependency graph -> input shape read from it
@@ -273,7 +297,7 @@ class PathMetricImportance(tp.importance.Importance):
             return None
         where = removals[0].module
         scores = self._saliency(DG.model, self._shape(DG), removals, size, where)
-        scores = normalized_scores(scores, self.normalizer)
+        scores = normalized_scores(scores, self.normalizer, self.round_to)
         if cand_of_pos is not None:
             scores = scores[cand_of_pos]
         return scores
