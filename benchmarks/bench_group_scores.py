@@ -14,13 +14,28 @@ Compares, on the same groups (every group of ``DependencyGraph.get_all_groups``,
   ignored) with ``PathMetricImportance`` exact / ``exact=False``: scoring every group and pruning.
 
 Each method runs in a fresh process (so its peak resident memory is its own); times are ratios to one
-float32 forward pass of the model measured in that process.
+float32 forward pass of the model measured in that process, in wall time and in the process's CPU time
+(with ``--threads 1`` the CPU-time ratio barely moves when other jobs share the machine; wall time does).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import time
+
+
+def _forward_cpu(model, shape, device, repeat=5):
+    """CPU time of one float32 forward pass (the mean of ``repeat``, after one warm-up)."""
+    import torch
+
+    x = torch.randn((1,) + tuple(shape), device=device)
+    with torch.no_grad():
+        model(x)
+        t = time.process_time()
+        for _ in range(repeat):
+            model(x)
+        return (time.process_time() - t) / repeat
 
 
 def _measure(model_name, size, method, device, queue, threads=None):
@@ -38,6 +53,7 @@ def _measure(model_name, size, method, device, queue, threads=None):
     model = torchvision.models.get_model(model_name).eval().to(device)
     shape = (3, size, size)
     fwd = forward_time(model, shape, repeat=5)  # before and after: the ratio uses their mean
+    fwd_cpu = _forward_cpu(model, shape, device)
     base_rss = peak_rss_mb()
     DG = tp.DependencyGraph().build_dependency(model, torch.randn(1, *shape, device=device))
     groups = list(DG.get_all_groups(ignored_layers=[model.fc], root_module_types=[torch.nn.Conv2d, torch.nn.Linear]))
@@ -45,6 +61,7 @@ def _measure(model_name, size, method, device, queue, threads=None):
     imps = {"path-metric": lambda: PathMetricImportance(shape, progress=False),
             "first-order": lambda: PathMetricImportance(shape, exact=False, progress=False),
             "magnitude": lambda: tp.importance.MagnitudeImportance(p=1)}
+    cpu0 = time.process_time()
     if method.startswith("step-"):
         imp = imps["path-metric" if method == "step-exact" else "first-order"]()
         pruner = tp.pruner.MetaPruner(model, torch.randn(1, *shape, device=device), importance=imp, pruning_ratio=0.5,
@@ -52,14 +69,19 @@ def _measure(model_name, size, method, device, queue, threads=None):
         sec, _ = timed(pruner.step)
     elif method == "per-candidate":
         ps.path_norm(model, shape)
+        cpu0 = time.process_time()  # the warm-up and five timed calls
         per = median_time(lambda _: ps.path_norm(model, shape), repeat=5)
         sec = per * candidates
     else:
         imp = imps[method]()
         sec, _ = timed(lambda: [imp(g) for g in groups])
+    cpu = time.process_time() - cpu0
+    if method == "per-candidate":
+        cpu *= candidates / 6  # six path_norm calls were timed
     fwd = (fwd + forward_time(model, shape, repeat=5)) / 2
+    fwd_cpu = (fwd_cpu + _forward_cpu(model, shape, device)) / 2
     queue.put({"model": model_name, "method": method, "device": device, "seconds": sec, "forward_ms": fwd * 1e3,
-               "x_forward": sec / fwd, "groups": len(groups), "candidates": candidates,
+               "x_forward": sec / fwd, "cpu_seconds": cpu, "x_forward_cpu": cpu / fwd_cpu, "groups": len(groups), "candidates": candidates,
                "peak_rss_mb": peak_rss_mb(), "extra_rss_mb": peak_rss_mb() - base_rss})
 
 
@@ -83,7 +105,8 @@ def main():
             row = q.get()
             proc.join()
             rows.append(row)
-            print(f"{m:10s} {method:14s} {row['seconds']:9.2f} s  {row['x_forward']:9.1f} x forward  "
+            print(f"{m:10s} {method:16s} {row['seconds']:9.2f} s  {row['x_forward']:9.1f} x forward  "
+                  f"(CPU {row['cpu_seconds']:8.2f} s, {row['x_forward_cpu']:8.1f} x)  "
                   f"peak RSS {row['peak_rss_mb']:7.0f} MB (+{row['extra_rss_mb']:.0f})  "
                   f"[{row['groups']} groups, {row['candidates']} candidates, forward {row['forward_ms']:.1f} ms]",
                   flush=True)
@@ -94,10 +117,11 @@ def main():
                   "faster than one path-norm per candidate")
         if "path-metric" in by and "first-order" in by:
             print(f"{m}: exact / first-order = {by['path-metric']['x_forward'] / by['first-order']['x_forward']:.1f} "
-                  "(ratio of their x-forward figures)")
+                  f"(wall), {by['path-metric']['x_forward_cpu'] / by['first-order']['x_forward_cpu']:.1f} (CPU)")
         if "step-exact" in by and "step-first-order" in by:
             print(f"{m}: MetaPruner step exact / first-order = "
-                  f"{by['step-exact']['x_forward'] / by['step-first-order']['x_forward']:.1f}")
+                  f"{by['step-exact']['x_forward'] / by['step-first-order']['x_forward']:.1f} (wall), "
+                  f"{by['step-exact']['x_forward_cpu'] / by['step-first-order']['x_forward_cpu']:.1f} (CPU)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from . import ops
 from .errors import PathSaliencyError
-from .scaled import Scaled, align, log2_total, pow2, raw, renorm, settle, total
+from .scaled import Scaled, same_exponent, align, log2_total, pow2, raw, renorm, settle, total
 from .steps import Weights
 
 _NODE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
@@ -321,8 +321,8 @@ class RemovalPass(Interpreter):
             if x.dim() == 4 and w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous(memory_format=torch.channels_last)  # the weights' layout (a no-op if it is)
             d = settle(Scaled(step.linear(x, w), d.e))
-        if n in self.masks:
-            d = self._inject(d, self.cache[n], self.masks[n], step.channel_dim)
+        if n in self.masks:  # d is this step's own fresh output: written in place
+            d = self._inject(d, self.cache[n], self.masks[n], step.channel_dim, owned=True)
         return d
 
     def fixed(self, n, action, env):
@@ -367,12 +367,29 @@ class RemovalPass(Interpreter):
         e = d.e.to(torch.float64) - full.e.to(torch.float64) + out.e.to(torch.float64)
         return torch.log2(dot) + e
 
-    def _inject(self, d, full: Scaled, mask, dim):
-        """At removed channels the whole activation is lost: ``d[j, c] = full[c]`` where ``mask[j, c]``
-        (the one-sample ``full`` broadcast, multiplied only where a candidate's exponent differs)."""
+    def _inject(self, d, full: Scaled, mask, dim, owned=False):
+        """At removed channels the whole activation is lost: ``d[j, c] = full[c]`` where ``mask[j, c]``.
+
+        ``owned``: ``d`` is a fresh tensor no other node reads, so only the removed channels are written
+        (in place, at ``d``'s exponent, which is at least ``full``'s); otherwise a ``where`` over the
+        whole value."""
         num, ndim = self.num, full.t.dim()
+        dim = dim % ndim
+        if owned:
+            if d is None:
+                fmt = torch.channels_last if ndim == 4 and full.t.device.type == "cpu" else torch.contiguous_format
+                zeros = torch.empty((num,) + tuple(full.t.shape[1:]), dtype=full.t.dtype, device=full.t.device,
+                                    memory_format=fmt).zero_()
+                d = Scaled(zeros, full.e.expand(num))
+            e = torch.maximum(d.e, full.e)
+            dt = d.t if same_exponent(d.e, e) else d.t * pow2(d.e - e, ndim)
+            j, c = mask.nonzero(as_tuple=True)
+            vals = full.t[0].movedim(dim - 1, 0)[c]  # (removed pairs, the rest of one channel)
+            vals = vals * torch.exp2(full.e[0] - e[j]).view((-1,) + (1,) * (vals.dim() - 1))
+            dt.movedim(dim, 1)[j, c] = vals
+            return settle(Scaled(dt, e))
         shape = [num] + [1] * (ndim - 1)
-        shape[dim % ndim] = mask.shape[1]
+        shape[dim] = mask.shape[1]
         m = mask.view(shape)
         if d is None:
             return settle(Scaled(torch.where(m, full.t, full.t.new_zeros(())), full.e.expand(num)))

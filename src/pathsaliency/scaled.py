@@ -59,7 +59,7 @@ def settle(x: Scaled, slack: int = 16) -> Scaled:
     return Scaled(t * pow2(-k, t.dim()), x.e + k)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_exponent(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a == b`` everywhere (broadcasting), checked only on a CPU (elsewhere False: no host round trip)."""
     return a.device.type == "cpu" and (a is b or bool((a == b).all()))
 
@@ -72,7 +72,7 @@ def align(values):
     e = values[0].e
     for v in values[1:]:
         e = torch.maximum(e, v.e)
-    return [v.t if _same(v.e, e) else v.t * pow2(v.e - e, v.t.dim()) for v in values], e
+    return [v.t if same_exponent(v.e, e) else v.t * pow2(v.e - e, v.t.dim()) for v in values], e
 
 
 def total(terms) -> Scaled:
