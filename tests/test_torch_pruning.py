@@ -14,7 +14,11 @@ The identities checked here:
 * with the raw scores (``normalizer=None``) global pruning ranks all groups by one threshold; with the
   default sequential scores it removes the requested ratio (ResNet-18/50, DenseNet; one-shot and
   iterative) and local pruning picks what the raw scores pick; ignored layers are kept;
-* no normaliser makes ``GroupNormPruner``'s regularisation NaN.
+* no normaliser makes ``GroupNormPruner``'s regularisation NaN;
+* removal passes skip only input channels a removal already zeroed (the scores of the full pass);
+* MetaPruner's ``round_to`` rounds every group's remaining channels down after the global threshold
+  (the U-Net that kept 28 %), and sequential scores told ``round_to`` come in blocks that keep the ratio;
+* an exact step shows a progress bar over its removal passes when asked (by default on a terminal).
 """
 from __future__ import annotations
 
