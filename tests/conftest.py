@@ -27,6 +27,18 @@ os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")  # seconds; read whe
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores: one thread each (also far faster on a loaded machine)
 
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a bit-exact comparison: with two, some CPU kernel sums in an order that
+    varies from run to run (path_magnitude of a ResNet-18, group scores: results 2e-7 to 4e-7
+    apart in about a third of the runs with two threads; never with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _HOOK_ATTRS = (
     "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",

@@ -40,17 +40,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_thread(fn):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without Gloo")
-def test_two_gloo_ranks_return_exactly_the_one_process_scores(tmp_path):
+def test_two_gloo_ranks_return_exactly_the_one_process_scores(tmp_path, one_thread):
     world = 2
     src = str(Path(ps.__file__).resolve().parents[1])
     env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
@@ -58,13 +49,12 @@ def test_two_gloo_ranks_return_exactly_the_one_process_scores(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     worker = _worker_module()
-    reference = _one_thread(lambda: worker.group_scores(None))  # while the ranks run
+    reference = worker.group_scores(None)  # while the ranks run, one thread as each rank
     logs = [p.communicate(timeout=300)[0] for p in procs]
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-3000:]}"
-    first_order = _one_thread(lambda: [ps.channel_saliency(worker.model(), worker.SHAPE,
-                                                           worker.group_removals(g), len(g[0].idxs), exact=False)
-                                       for g in worker.groups(worker.model())])
+    first_order = [ps.channel_saliency(worker.model(), worker.SHAPE, worker.group_removals(g), len(g[0].idxs),
+                                       exact=False) for g in worker.groups(worker.model())]
     # the test exercises removal passes: some groups' exact scores are not the first-order sum
     assert any(not torch.allclose(a, b) for a, b in zip(reference["direct"], first_order))
     for r in range(world):

@@ -40,7 +40,7 @@ def test_each_weight_score_is_the_path_norm_lost_by_zeroing_it(assert_untouched)
             assert float(scores[name][i]) * norm == pytest.approx(lost, rel=1e-9, abs=1e-12 * norm)
 
 
-def test_scores_are_identical_after_a_power_of_two_rescaling_and_magnitudes_are_not():
+def test_scores_are_identical_after_a_power_of_two_rescaling_and_magnitudes_are_not(one_thread):
     m = torchvision.models.resnet18(num_classes=10).eval()
     r = ps.random_rescale(m, generator=torch.Generator().manual_seed(3))
     a, b = ps.path_magnitude(m, (3, 32, 32)), ps.path_magnitude(r, (3, 32, 32))

@@ -423,17 +423,6 @@ def rescaled_pair():
     return model, rescaled
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for a bit-exact comparison: with two, some CPU kernel sums in an order that
-    varies from run to run (the same code, seeds and thread count gave scores 4e-7 apart in 2 of 7
-    runs, before this round's changes too; never with one thread in 5 runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_scores_of_every_group_are_invariant_under_rescaling(rescaled_pair, one_thread):
     model, rescaled = rescaled_pair
     shape = (3, 32, 32)
