@@ -112,13 +112,13 @@ def test_representative_and_scores_are_bit_identical_under_rescaling(resnet_pair
     assert sum(not torch.equal(a[n], p) for n, p in model.named_parameters()) >= 18  # not the model itself
     ga, gb = _groups(model), _groups(rescaled)
     assert len(ga) == len(gb) == 12
-    for p in (1, 2):
-        imp_a, imp_b = NormBalancedImportance(p=p), NormBalancedImportance(p=p)
+    for kw in (dict(p=1), dict(p=2), dict(p=2, group_reduction="max")):  # the recipe's three forms
+        imp_a, imp_b = NormBalancedImportance(**kw), NormBalancedImportance(**kw)
         with assert_untouched(model):
             sa = [imp_a(g) for g in ga]
-        assert all(torch.equal(x, y) for x, y in zip(sa, [imp_b(g) for g in gb])), p
-        plain = tp.importance.MagnitudeImportance(p=p)
-        assert not all(torch.equal(plain(x), plain(y)) for x, y in zip(ga, gb)), p  # the test can fail
+        assert all(torch.equal(x, y) for x, y in zip(sa, [imp_b(g) for g in gb])), kw
+        plain = tp.importance.MagnitudeImportance(**kw)
+        assert not all(torch.equal(plain(x), plain(y)) for x, y in zip(ga, gb)), kw  # the test can fail
 
 
 def _history(model, global_pruning, steps):
