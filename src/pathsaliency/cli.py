@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from . import __version__, path_metric, path_norm
 from .checkpoint import TRUST_HINT, load_checkpoint, load_state_dict, torch_load
 from .errors import PathSaliencyError
+from .files import write_atomically
 from .pruning import CRITERIA
 from .zoo import SPEC_HELP, default_input_shape, load_model, weights_source
 
@@ -150,28 +150,6 @@ class _Steps:
             self.bar.close()
 
 
-def _write_all(files):
-    """Write ``{path: text, or a function path -> None}``: each to a temporary name first, then all renamed,
-    so a failure leaves none of them."""
-    temps = {}
-    try:
-        for path, content in files.items():
-            path = Path(path)
-            temp = path.with_name(f".{path.stem}.partial{path.suffix}")
-            temps[temp] = path
-            if callable(content):
-                content(temp)
-            elif isinstance(content, str):
-                temp.write_text(content, encoding="utf-8")
-            else:
-                torch.save(content, temp)
-        for temp, path in temps.items():
-            os.replace(temp, path)
-    finally:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-
-
 def _writable_file(path):
     path = Path(path)
     if path.is_dir():
@@ -257,10 +235,7 @@ def cmd_report(args):
         load_state_dict(compressed, obj, args.compressed, args.reference)
     report = robustness_report(reference, compressed, data, input_shape=args.input_shape, progress=_progress(args),
                                max_batches=args.max_batches, name=f"{args.reference} vs {args.compressed}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_all({out / "report.json": report.to_json(), out / "report.md": report.to_markdown(),
-                out / "report.png": report.plot})
+    report.save(args.out)
     print(report.to_json() if args.json else report.to_markdown())
 
 
@@ -284,7 +259,7 @@ def cmd_prune(args):
         steps("certify")
         d = path_metric(model, pruned, shape)
         steps("save")
-        _write_all({args.save: pruned.state_dict()})
+        write_atomically({args.save: pruned.state_dict()})
     finally:
         steps.close()
     record = {"model": args.model, "weights": _weights(args, args.model, args.checkpoint), "criterion": args.criterion,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import typing
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
@@ -168,6 +169,16 @@ class RobustnessReport:
         from .report_plot import plot_report
 
         plot_report(self, path)
+
+    def save(self, directory) -> None:
+        """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory`` (created), all or none
+        (:func:`pathsaliency.files.write_atomically`)."""
+        from .files import write_atomically
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomically({directory / "report.json": self.to_json(), directory / "report.md": self.to_markdown(),
+                          directory / "report.png": self.plot})
 
 
 # ---------------------------------------------------------------------------------------- helpers (text)

@@ -5,7 +5,8 @@ seeded by ``seed`` while it builds (so random weights are reproducible), then lo
 :func:`pathsaliency.checkpoint.load_checkpoint`: weights only, unless ``trust_checkpoint`` (then a whole
 pickled module replaces the built one). Every bad specification or checkpoint raises ``ValueError`` (or
 ``FileNotFoundError``) with one line saying what is wrong. :func:`weights_source` says where the weights
-came from, and whether they may be random.
+came from, and whether they may be random. Each kind is one entry of :data:`SOURCES` (how it builds,
+its default input shape, where its weights come from); any other kind names a user factory.
 """
 from __future__ import annotations
 
@@ -23,21 +24,60 @@ from .models import cifar_resnet
 SPEC_HELP = "torchvision:<name>, cifar:resnet20|resnet32|resnet44|resnet56, or <module>:<function>"
 
 
-def default_input_shape(spec: str):
-    kind, _, name = spec.partition(":")
-    if kind == "cifar":
+class _Source:
+    """How one kind of specification (the part before ``:``) builds its models; the base class is a
+    user factory ``<module>:<function>``."""
+
+    pretrained_ok = False  # whether ``--pretrained`` means something for this kind
+
+    def input_shape(self, name):
+        return None
+
+    def build(self, spec, kind, name, pretrained, packaged):
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(kind)
+        except Exception as exc:  # noqa: BLE001 - importing user code can raise anything
+            raise ValueError(f"model '{spec}': module {kind!r} does not import ({one_line(exc)}); run from the "
+                             f"folder that holds {kind.replace('.', '/')}.py or add that folder to PYTHONPATH") from None
+        factory = getattr(module, name, None)
+        if not callable(factory):
+            raise ValueError(f"model '{spec}': module {kind!r} has no function {name!r}")
+        try:
+            model = factory()
+        except Exception as exc:  # noqa: BLE001 - the user's factory can raise anything
+            raise ValueError(f"model '{spec}': {kind}.{name}() raised {one_line(exc)}") from None
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model '{spec}': {kind}.{name}() returned a {type(model).__name__}, not a "
+                             "torch.nn.Module")
+        return model
+
+    def weights(self, pretrained, seed):
+        return (f"the weights the factory builds, with no --checkpoint: random unless it loads some (torch seed "
+                f"{seed})", True)
+
+
+class _Cifar(_Source):
+    def input_shape(self, name):
         return (3, 32, 32)
-    if kind == "torchvision":
-        return (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
-    return None
 
-
-def _build(spec: str, kind: str, name: str, pretrained: bool, packaged: bool) -> nn.Module:
-    if kind == "cifar":
+    def build(self, spec, kind, name, pretrained, packaged):
         if name not in cifar_resnet._DEPTHS:
             raise ValueError(f"model '{spec}': unknown CIFAR ResNet {name!r}; choose from {sorted(cifar_resnet._DEPTHS)}")
         return cifar_resnet.load_cifar_resnet(name) if packaged else getattr(cifar_resnet, name)()
-    if kind == "torchvision":
+
+    def weights(self, pretrained, seed):
+        return "the pretrained CIFAR-10 weights of pathsaliency (packaged, or from $PATHSALIENCY_SHARED)", False
+
+
+class _Torchvision(_Source):
+    pretrained_ok = True
+
+    def input_shape(self, name):
+        return (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+
+    def build(self, spec, kind, name, pretrained, packaged):
         import torchvision
 
         if name not in torchvision.models.list_models():
@@ -47,23 +87,25 @@ def _build(spec: str, kind: str, name: str, pretrained: bool, packaged: bool) ->
             return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
         except (OSError, RuntimeError) as exc:  # no network, a broken download
             raise ValueError(f"model '{spec}': could not get the pretrained weights ({one_line(exc)})") from None
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(kind)
-    except Exception as exc:  # noqa: BLE001 - importing user code can raise anything
-        raise ValueError(f"model '{spec}': module {kind!r} does not import ({one_line(exc)}); run from the folder "
-                         f"that holds {kind.replace('.', '/')}.py or add that folder to PYTHONPATH") from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise ValueError(f"model '{spec}': module {kind!r} has no function {name!r}")
-    try:
-        model = factory()
-    except Exception as exc:  # noqa: BLE001 - the user's factory can raise anything
-        raise ValueError(f"model '{spec}': {kind}.{name}() raised {one_line(exc)}") from None
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model '{spec}': {kind}.{name}() returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
+
+    def weights(self, pretrained, seed):
+        if pretrained:
+            return "torchvision's default pretrained weights", False
+        return f"RANDOM weights (torch seed {seed}): pass --checkpoint FILE or --pretrained for trained ones", True
+
+
+SOURCES = {"cifar": _Cifar(), "torchvision": _Torchvision()}  # any other kind: a user factory
+_FACTORY = _Source()
+
+
+def _source(spec: str):
+    kind = spec.partition(":")[0]
+    return SOURCES.get(kind, _FACTORY)
+
+
+def default_input_shape(spec: str):
+    """The input shape (without batch) that the models of ``spec`` take by default; None if unknown."""
+    return _source(spec).input_shape(spec.partition(":")[2])
 
 
 def load_model(spec: str, checkpoint=None, trust_checkpoint: bool = False, pretrained: bool = False,
@@ -72,12 +114,13 @@ def load_model(spec: str, checkpoint=None, trust_checkpoint: bool = False, pretr
     kind, sep, name = spec.partition(":")
     if not sep or not kind or not name:
         raise ValueError(f"model '{spec}': expected {SPEC_HELP}")
-    if pretrained and kind != "torchvision":
+    source = _source(spec)
+    if pretrained and not source.pretrained_ok:
         raise ValueError(f"model '{spec}': --pretrained is for torchvision models (cifar: loads its pretrained "
                          "weights by default; other models: pass --checkpoint)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _build(spec, kind, name, pretrained, packaged=checkpoint is None)
+        model = source.build(spec, kind, name, pretrained, packaged=checkpoint is None)
     if checkpoint is not None:
         obj = load_checkpoint(checkpoint, trust_checkpoint)
         model = obj if isinstance(obj, nn.Module) else load_state_dict(model, obj, checkpoint, spec)
@@ -87,13 +130,6 @@ def load_model(spec: str, checkpoint=None, trust_checkpoint: bool = False, pretr
 def weights_source(spec: str, checkpoint=None, pretrained: bool = False, seed: int = 0):
     """``(where the weights of load_model(spec, checkpoint, pretrained=pretrained, seed=seed) come from,
     whether they may be random)``."""
-    kind = spec.partition(":")[0]
     if checkpoint is not None:
         return f"checkpoint {checkpoint}", False
-    if kind == "cifar":
-        return "the pretrained CIFAR-10 weights of pathsaliency (packaged, or from $PATHSALIENCY_SHARED)", False
-    if kind == "torchvision":
-        if pretrained:
-            return "torchvision's default pretrained weights", False
-        return (f"RANDOM weights (torch seed {seed}): pass --checkpoint FILE or --pretrained for trained ones"), True
-    return f"the weights the factory builds, with no --checkpoint: random unless it loads some (torch seed {seed})", True
+    return _source(spec).weights(pretrained, seed)

@@ -1,6 +1,6 @@
 """What every recipe shares: decoded data held as tensors, batched inference, top-1, seeds, batch-norm
-re-estimation, tables written as CSV, Markdown and JSON (:func:`write_table`) and robustness reports
-(:func:`write_report`)."""
+re-estimation, tables written as CSV, Markdown and JSON (:func:`write_table`); robustness reports write
+themselves (``RobustnessReport.save``)."""
 from __future__ import annotations
 
 import copy
@@ -61,15 +61,6 @@ def write_table(rows: list, out: Path, stem: str, title: str, columns=None, form
         json.dump(rows, f, indent=1)
     paths["md"].write_text(markdown_table(rows, columns, formats, title))
     return paths
-
-
-def write_report(report, directory: Path) -> None:
-    """Write a :class:`pathsaliency.RobustnessReport` as ``report.json``, ``report.md`` and ``report.png``
-    under ``directory`` (created)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "report.json").write_text(report.to_json())
-    (directory / "report.md").write_text(report.to_markdown(), encoding="utf-8")
-    report.plot(directory / "report.png")
 
 
 def markdown_table(rows, columns, formats, title=None) -> str:

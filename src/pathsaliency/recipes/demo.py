@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from . import unstructured
-from .common import write_report
 
 CRITERIA = ("path-magnitude", "balanced-fan", "magnitude", "magnitude (rescaled)", "path-magnitude (rescaled)",
             "balanced-fan (rescaled)")
@@ -53,5 +52,5 @@ def _report(out, limit, log):
     pruned, _ = prune_unstructured(ref, 0.4, unstructured.INPUT_SHAPE, criterion="path-magnitude")
     report = robustness_report(ref, pruned, [(X[i:i + 500], Y[i:i + 500]) for i in range(0, len(X), 500)],
                                input_shape=unstructured.INPUT_SHAPE, name="resnet20, path-magnitude 40%")
-    write_report(report, out)
+    report.save(out)
     log(f"robustness report of resnet20 pruned to 40% by path-magnitude: {out / 'report.md'}, report.json, report.png")

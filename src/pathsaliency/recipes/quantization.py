@@ -55,7 +55,7 @@ import torch
 from pathsaliency.models.cifar_resnet import load_cifar_resnet
 
 from .cifar10 import cifar10, in_ci
-from .common import as_tensors, seed_everything, write_report, write_table
+from .common import as_tensors, seed_everything, write_table
 from . import harness
 from .harness import figure, label, save
 from .unstructured import INPUT_SHAPE, load_data
@@ -252,7 +252,7 @@ def run(config: Config = Config(), log=print):
                                                per_layer=c.per_layer,
                                                activations_quantized=method in ACTIVATIONS_QUANTIZED,
                                                name=f"{tag}, {method}")
-                    write_report(report, out / f"{tag}-{method}")
+                    report.save(out / f"{tag}-{method}")
                     row = {"model": name, "sparsity": float(sp), "method": method, "quantized": METHODS[method],
                            "quantized_weights": quantized_weight_fraction(ref, theta),
                            "float_layers": " ".join(kept), **_report_columns(report),
