@@ -317,3 +317,47 @@ def lamp(scores: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(flat)
     out[order] = torch.where(tail > 0, sq / tail.where(tail > 0, torch.ones_like(tail)), torch.zeros_like(sq))
     return out.view(scores.shape).to(scores.device)
+
+
+def norm_balanced_parameters(model: nn.Module, output=None) -> dict:
+    """``{parameter name: tensor}``: every parameter of ``model`` at the *norm-balanced representative* of
+    its rescaling orbit (see ``norm-balanced`` in the module docstring), the model itself untouched.
+
+    For every rescalable hidden channel ``j`` (producer followed by an affine batch-norm), with
+    ``||W_:j||_2`` the l2 norm of the input columns of ``j`` in every conv/linear reading it,
+    ``lam_j = sqrt(||W_:j||_2 / |gamma_j|)``; the representative has the consumers' columns ``W_:j /
+    lam_j``, the batch-norm's ``gamma_j lam_j`` and ``beta_j lam_j`` (the same function, and ``|gamma_j
+    lam_j| = ||W_:j / lam_j||_2``), every other parameter as trained (rows of batch-norm-followed layers:
+    the gauge the batch-norm fixes; residual streams and the model input: not rescalable). Rescaling ``j``
+    by ``mu`` gives ``lam_j mu``, so the representative is the same (bit-identical for powers of two).
+    Limits of the orbit: ``W_:j = 0`` gives ``lam_j = 0`` (``gamma_j``, ``beta_j`` and the columns 0);
+    ``gamma_j = 0 != W_:j`` gives ``lam_j = inf``: columns 0, ``gamma_j`` 0, ``beta_j`` left as trained
+    (its limit is infinite; the only value here that is not invariant). New tensors in each parameter's
+    dtype and device (computed in float64). Models where a rescalable layer has no affine batch-norm are
+    refused."""
+    params = dict(model.named_parameters())
+    channels = rescalable_channels(lift(model, output).plan)
+    missing = _without_batchnorm(channels, params)
+    if missing:
+        raise ValueError(f"the norm-balanced representative needs a batch-norm with affine parameters after every "
+                         f"rescalable layer; '{missing[0]}' has none: use PathMetricImportance (or a criterion "
+                         "that reads no representative)")
+    rep = {n: p.detach().to(torch.float64).clone() for n, p in params.items()}
+    for step, consumers in channels:
+        gamma = params[qualified(step.bn, "weight")].detach().abs().to(torch.float64)
+        out_sq = torch.zeros_like(gamma)
+        for s, flat in consumers:
+            w = params[qualified(s.module, "weight")].detach().to(torch.float64)
+            out_sq += _per_input_channel(s, w * w, flat, len(gamma))
+        norm = out_sq.sqrt()
+        one = torch.ones_like(norm)
+        lam = torch.where(gamma > 0, (norm / gamma.where(gamma > 0, one)).sqrt(), torch.where(norm > 0, one, 0 * one))
+        inv = torch.where(norm > 0, (gamma / norm.where(norm > 0, one)).sqrt(), 0 * one)
+        for s, flat in consumers:
+            name = qualified(s.module, "weight")
+            s.scale_inputs(rep[name], inv.to(rep[name].device), flat)
+        for what in ("weight", "bias"):
+            name = qualified(step.bn, what)
+            if name in rep:
+                rep[name] *= lam.to(rep[name].device)
+    return {n: rep[n].to(params[n].dtype) for n in params}

@@ -9,8 +9,11 @@
                                   pruning_ratio=0.5, ignored_layers=[model.fc])
     pruner.step()
 
-One job per module: ``importance`` (the host contract), ``groups`` (a group as core ``Removal`` items),
-``input_shape`` (read from the graph's trace), ``frozen`` (layers whose channels follow their groups),
+``NormBalancedImportance`` is torch-pruning's own magnitude importance read on the norm-balanced
+representative of the rescaling orbit (rescaling-invariant by construction).
+
+One job per module: ``importance`` (the host contract), ``norm_balanced`` (the invariant magnitude),
+``groups`` (a group as core ``Removal`` items), ``input_shape`` (read from the graph's trace), ``frozen`` (layers whose channels follow their groups),
 ``tracker`` (which original channels survive) and ``certificate`` (the certified distance of the
 physically pruned model); every torch-pruning internal is read in ``_compat``.
 """
@@ -27,7 +30,8 @@ from .frozen import FrozenFollowingPruner
 from .groups import channel_groups, group_removals
 from .importance import PathMetricImportance, normalized_scores, sequential_scores
 from .input_shape import input_shape_from_graph
+from .norm_balanced import NormBalancedImportance
 from .tracker import ChannelTracker
 
-__all__ = ["PathMetricImportance", "sequential_scores", "normalized_scores", "group_removals", "channel_groups",
+__all__ = ["PathMetricImportance", "NormBalancedImportance", "sequential_scores", "normalized_scores", "group_removals", "channel_groups",
            "input_shape_from_graph", "FrozenFollowingPruner", "ChannelTracker", "certify_pruned"]

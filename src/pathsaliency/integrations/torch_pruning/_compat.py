@@ -2,14 +2,17 @@
 
 torch-pruning's public contract is ``Importance.__call__(group)``, ``DependencyGraph.get_pruning_group`` /
 ``get_all_groups`` and ``Group.prune``; what the adapter needs beyond it (the graph that made a group,
-the graph's module names, the tensors autograd saved while tracing, building a group from items) is read
-here, so that a torch-pruning release that renames one of them breaks one file.
+the graph's module names, the tensors autograd saved while tracing, building a group from items, a group
+retargeted at other modules) is read here, so that a torch-pruning release that renames one of them
+breaks one file.
 """
 from __future__ import annotations
 
+import copy
+
 import torch_pruning as tp
 
-__all__ = ["graph_of", "module_names", "saved_input", "group_with_items"]
+__all__ = ["graph_of", "module_names", "saved_input", "group_with_items", "group_on_modules"]
 
 
 def graph_of(group):
@@ -43,4 +46,22 @@ def group_with_items(group, keep):
     g = tp.dependency.Group()
     g._group = [it for it in group._group if keep(it)]
     g._DG = group._DG
+    return g
+
+
+def group_on_modules(group, module_of):
+    """A new group of the same graph whose items target ``module_of(layer)`` instead of each item's layer
+    (same handlers, indices and root indices): torch-pruning's importances read ``dep.layer`` of each item
+    (``Node`` copied with its ``module`` replaced; ``GroupItem.root_idxs`` set as the graph sets it)."""
+    g = tp.dependency.Group()
+    g._DG = group._DG
+    for item in group._group:
+        dep = item.dep
+        target = copy.copy(dep.target)
+        target.module = module_of(dep.target.module)
+        new = tp.dependency.Dependency(dep.trigger, dep.handler, dep.source, target)
+        new.index_mapping = dep.index_mapping
+        moved = tp._helpers.GroupItem(dep=new, idxs=item.idxs)
+        moved.root_idxs = item.root_idxs
+        g._group.append(moved)
     return g
