@@ -63,10 +63,10 @@ Data-aware (they need ``calibration`` inputs, e.g. the images used to re-estimat
 
 Every criterion returns ``{weight name: score}`` in the shape of the weight, higher = keep.
 
-Structured use (not implemented here): a channel's score would be the sum of ``balanced-fan`` over the
-weights a torch-pruning group removes (its conv rows and the consumers' input columns), returned per
-channel by a ``tp.importance.Importance``; each term is invariant, so the sum is too. NNCF's unstructured
-masks take these scores as they are (``masks_from_scores``).
+Structured use: :func:`norm_balanced_parameters` is the whole norm-balanced representative (weights,
+batch-norm ``gamma`` and ``beta``); ``pathsaliency.integrations.torch_pruning.NormBalancedImportance``
+runs torch-pruning's group magnitude importance on it, so any of its reductions is invariant. NNCF's
+unstructured masks take the scores of this module as they are (``masks_from_scores``).
 """
 from __future__ import annotations
 
@@ -121,27 +121,9 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
 
 def norm_balanced_scores(model: nn.Module, names, *, output=None) -> dict:
     """``|W_ij| sqrt(|gamma_j| / ||W_:j||)`` for the conv/linear weights ``names`` (see the module
-    docstring); factor 1 on the columns of channels that are not rescalable."""
-    params = dict(model.named_parameters())
-    out = {n: params[n].detach().abs().to(torch.float64) for n in names}
-    channels = rescalable_channels(lift(model, output).plan)
-    missing = _without_batchnorm(channels, params)
-    if missing:
-        raise ValueError(f"norm-balanced needs a batch-norm with affine parameters after every rescalable layer; "
-                         f"'{missing[0]}' has none: use wanda-lamp or balanced-fan")
-    for step, consumers in channels:
-        gamma = params[qualified(step.bn, "weight")].detach().abs().to(torch.float64)
-        out_sq = torch.zeros_like(gamma)
-        for s, flat in consumers:
-            w = params[qualified(s.module, "weight")].detach().to(torch.float64)
-            out_sq += _per_input_channel(s, w * w, flat, len(gamma))
-        ratio = torch.where(out_sq > 0, gamma / out_sq.sqrt().where(out_sq > 0, torch.ones_like(out_sq)),
-                            torch.zeros_like(gamma))
-        for s, flat in consumers:
-            name = qualified(s.module, "weight")
-            if name in out:
-                s.scale_inputs(out[name], ratio.sqrt().to(out[name].device), flat)
-    return {n: v.to(params[n].dtype) for n, v in out.items()}
+    docstring): the absolute weights of :func:`norm_balanced_parameters`."""
+    rep = norm_balanced_parameters(model, output, hint="use wanda-lamp or balanced-fan")
+    return {n: rep[n].abs() for n in names}
 
 
 def norm_balanced_defined(model: nn.Module, output=None) -> bool:
@@ -319,7 +301,7 @@ def lamp(scores: torch.Tensor) -> torch.Tensor:
     return out.view(scores.shape).to(scores.device)
 
 
-def norm_balanced_parameters(model: nn.Module, output=None) -> dict:
+def norm_balanced_parameters(model: nn.Module, output=None, hint="use PathMetricImportance") -> dict:
     """``{parameter name: tensor}``: every parameter of ``model`` at the *norm-balanced representative* of
     its rescaling orbit (see ``norm-balanced`` in the module docstring), the model itself untouched.
 
@@ -334,14 +316,13 @@ def norm_balanced_parameters(model: nn.Module, output=None) -> dict:
     ``gamma_j = 0 != W_:j`` gives ``lam_j = inf``: columns 0, ``gamma_j`` 0, ``beta_j`` left as trained
     (its limit is infinite; the only value here that is not invariant). New tensors in each parameter's
     dtype and device (computed in float64). Models where a rescalable layer has no affine batch-norm are
-    refused."""
+    refused (the error ends with ``hint``: what to use instead)."""
     params = dict(model.named_parameters())
     channels = rescalable_channels(lift(model, output).plan)
     missing = _without_batchnorm(channels, params)
     if missing:
         raise ValueError(f"the norm-balanced representative needs a batch-norm with affine parameters after every "
-                         f"rescalable layer; '{missing[0]}' has none: use PathMetricImportance (or a criterion "
-                         "that reads no representative)")
+                         f"rescalable layer; '{missing[0]}' has none: {hint}")
     rep = {n: p.detach().to(torch.float64).clone() for n, p in params.items()}
     for step, consumers in channels:
         gamma = params[qualified(step.bn, "weight")].detach().abs().to(torch.float64)
