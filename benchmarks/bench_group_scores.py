@@ -8,7 +8,10 @@ Compares, on the same groups (every group of ``DependencyGraph.get_all_groups``,
   group, batched removal passes for the others (residual streams);
 * ``PathMetricImportance(exact=False)``: the first-order approximation;
 * (a) recomputing the path-norm once per candidate channel (measured as the time of one repeated
-  ``path_norm`` call times the number of candidates: a lower bound of that baseline);
+  ``path_norm`` call times the number of candidates: a lower bound of that baseline); with
+  ``--published PATH`` (a checkout of github.com/agonon/pathnorm-pytorch) also
+  ``published-per-candidate``, the same with the published ``compute_path_norm`` (float32), which is
+  how that implementation would score channels;
 * (b) torch-pruning's ``MagnitudeImportance``;
 * ``step-exact`` / ``step-first-order``: one ``MetaPruner.step()`` (global, half the channels, classifier
   ignored) with ``PathMetricImportance`` exact / ``exact=False``: scoring every group and pruning.
@@ -38,7 +41,7 @@ def _forward_cpu(model, shape, device, repeat=5):
         return (time.process_time() - t) / repeat
 
 
-def _measure(model_name, size, method, device, queue, threads=None):
+def _measure(model_name, size, method, device, queue, threads=None, published=None):
     import torch
     import torch_pruning as tp
     import torchvision
@@ -67,16 +70,24 @@ def _measure(model_name, size, method, device, queue, threads=None):
         pruner = tp.pruner.MetaPruner(model, torch.randn(1, *shape, device=device), importance=imp, pruning_ratio=0.5,
                                       global_pruning=True, ignored_layers=[model.fc])
         sec, _ = timed(pruner.step)
-    elif method == "per-candidate":
-        ps.path_norm(model, shape)
+    elif method in ("per-candidate", "published-per-candidate"):
+        norm = lambda: ps.path_norm(model, shape)  # noqa: E731
+        if method.startswith("published"):
+            import sys
+
+            sys.path.insert(0, published)
+            from pathnorm import compute_path_norm
+
+            norm = lambda: compute_path_norm(model, shape, working_dtype=torch.float32)  # noqa: E731
+        norm()
         cpu0 = time.process_time()  # the warm-up and five timed calls
-        per = median_time(lambda _: ps.path_norm(model, shape), repeat=5)
+        per = median_time(lambda _: norm(), repeat=5)
         sec = per * candidates
     else:
         imp = imps[method]()
         sec, _ = timed(lambda: [imp(g) for g in groups])
     cpu = time.process_time() - cpu0
-    if method == "per-candidate":
+    if method.endswith("per-candidate"):
         cpu *= candidates / 6  # six path_norm calls were timed
     fwd = (fwd + forward_time(model, shape, repeat=5)) / 2
     fwd_cpu = (fwd_cpu + _forward_cpu(model, shape, device)) / 2
@@ -93,14 +104,19 @@ def main():
                                                     "step-exact", "step-first-order"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each process (default: torch's)")
+    p.add_argument("--published", help="a checkout of github.com/agonon/pathnorm-pytorch: adds the method "
+                                        "published-per-candidate")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
+    if args.published and "published-per-candidate" not in args.methods:
+        args.methods.append("published-per-candidate")
     ctx = mp.get_context("spawn")
     rows = []
     for m in args.models:
         for method in args.methods:
             q = ctx.Queue()
-            proc = ctx.Process(target=_measure, args=(m, args.size, method, args.device, q, args.threads))
+            proc = ctx.Process(target=_measure, args=(m, args.size, method, args.device, q, args.threads,
+                                                                 args.published))
             proc.start()
             row = q.get()
             proc.join()
@@ -112,9 +128,10 @@ def main():
                   flush=True)
     for m in args.models:
         by = {r["method"]: r for r in rows if r["model"] == m}
-        if "path-metric" in by and "per-candidate" in by:
-            print(f"{m}: exact group scores are {by['per-candidate']['seconds'] / by['path-metric']['seconds']:.1f}x "
-                  "faster than one path-norm per candidate")
+        for base in ("per-candidate", "published-per-candidate"):
+            if "path-metric" in by and base in by:
+                print(f"{m}: exact group scores are {by[base]['seconds'] / by['path-metric']['seconds']:.1f}x "
+                      f"faster than one path-norm per candidate ({base})")
         if "path-metric" in by and "first-order" in by:
             print(f"{m}: exact / first-order = {by['path-metric']['x_forward'] / by['first-order']['x_forward']:.1f} "
                   f"(wall), {by['path-metric']['x_forward_cpu'] / by['first-order']['x_forward_cpu']:.1f} (CPU)")

@@ -29,6 +29,34 @@ def median_time(fn, repeat=7, warmup=1, setup=None):
     return statistics.median(times)
 
 
+def interleaved(fns: dict, forward, repeat=7, warmup=1):
+    """Ratios of each ``fns[name] = (fn, setup)`` to ``forward()``, measured in turns: every round runs
+    ``forward`` and then each function once (``setup()`` untimed before it, its result passed to ``fn``),
+    so that a load that changes during the run weighs on both sides of every ratio alike. Returns
+    ``{name: {"ms", "x_forward", "cpu_ms", "x_forward_cpu"}}`` with medians over the rounds (wall time, and
+    this process's CPU time: with one thread the CPU ratio barely moves when other jobs share the cores)
+    and ``{"forward": {"ms", "cpu_ms"}}``."""
+    wall, cpu = {k: [] for k in ["forward", *fns]}, {k: [] for k in ["forward", *fns]}
+    calls = {"forward": (lambda _: forward(), None), **fns}
+    for r in range(warmup + repeat):
+        for name, (fn, setup) in calls.items():
+            arg = setup() if setup else None
+            _sync()
+            t, c = time.perf_counter(), time.process_time()
+            fn(arg)
+            _sync()
+            if r >= warmup:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in calls}
+    fw, fc = med["forward"]
+    out = {"forward": {"ms": fw * 1e3, "cpu_ms": fc * 1e3}}
+    for k in fns:
+        w, c = med[k]
+        out[k] = {"ms": w * 1e3, "x_forward": w / fw, "cpu_ms": c * 1e3, "x_forward_cpu": c / fc}
+    return out
+
+
 def forward_time(model, shape, repeat=7):
     """Median time of one float32 forward pass of ``model`` on a batch of one ``shape`` input (on the
     model's device)."""

@@ -9,7 +9,9 @@
 # 4. with two or more GPUs, the sharded exact group scores (NCCL, 1 vs 2 processes);
 # then the Markdown table. Each step has its own timeout; the first failure stops the script.
 # Overrides (for a CPU dry run: DEVICE=cpu SIZE=64 REPEAT=1 GROUP_MODEL=resnet18 benchmarks/gpu.sh):
-# PYTHON, OUT, DEVICE, SIZE, REPEAT, MODELS, GROUP_MODEL.
+# PYTHON, OUT, DEVICE, SIZE, REPEAT, MODELS, GROUP_MODEL, and PUBLISHED (a checkout of
+# github.com/agonon/pathnorm-pytorch, e.g. carried in out/pathnorm-pytorch: its path-norm and
+# path-magnitude are then timed in the same rounds and printed next to ours).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -19,6 +21,9 @@ SIZE=${SIZE:-224}
 REPEAT=${REPEAT:-7}
 MODELS=${MODELS:-resnet18 resnet50 resnet152}
 GROUP_MODEL=${GROUP_MODEL:-resnet50}
+PUBLISHED=${PUBLISHED:-}
+published=()
+[ -n "$PUBLISHED" ] && published=(--published "$PUBLISHED")
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
@@ -37,7 +42,7 @@ timeout 300 $PYTHON -m pytest -n 0 -q -p no:cacheprovider -m cuda -s tests/test_
 for m in $MODELS; do
   step "path_norm / path_magnitude: $m at ${SIZE}x${SIZE} on $DEVICE"
   timeout 240 $PYTHON benchmarks/bench_path_norm.py --model "$m" --size "$SIZE" --repeat "$REPEAT" \
-    --device "$DEVICE" --json "$OUT/norm-$m.json"
+    --device "$DEVICE" "${published[@]}" --json "$OUT/norm-$m.json"
 done
 
 step "group scores: $GROUP_MODEL at ${SIZE}x${SIZE} on $DEVICE"

@@ -8,9 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-NORM_ROWS = ["path_norm float32 first call", "path_norm float32 repeated", "path_norm float64 first call",
-             "path_norm float64 repeated", "path_magnitude float32 first call", "path_magnitude float32 repeated"]
-
 
 def main(folder):
     folder = Path(folder)
@@ -23,8 +20,9 @@ def main(folder):
         print("| what | " + " | ".join(r["model"] for r in norms) + " |")
         print("| --- |" + " --- |" * len(norms))
         print("| forward pass (ms) | " + " | ".join(f"{r['forward_ms']:.2f}" for r in norms) + " |")
-        for k in NORM_ROWS:
-            print(f"| `{k}` | " + " | ".join(f"{r['ratios'][k]:.2f}" for r in norms) + " |")
+        rows = list(dict.fromkeys(k for r in norms for k in r["ratios"]))  # in the benchmark's order
+        for k in rows:
+            print(f"| `{k}` | " + " | ".join(f"{r['ratios'][k]:.2f}" if k in r["ratios"] else "" for r in norms) + " |")
         print("| float32 vs float64 (relative) | " + " | ".join(f"{r['float32_rel_error']:.1e}" for r in norms) + " |")
         print()
     for name in ("groups.json", "sharded.json"):

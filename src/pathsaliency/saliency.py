@@ -108,25 +108,30 @@ def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.fl
                                     "path_magnitude has nothing to score")
         log2, env = norm_pass(lifted.plan, weights, shape, dtype=dtype, device=lifted.device)
         total = env[lifted.plan.output].t.sum(dtype=torch.float64)
+        norm = float(total.detach())
         nodes = [n for ns in uses.values() for n in ns]
-        grads = dict(zip(nodes, torch.autograd.grad(total, [weights[n].w for n in nodes], allow_unused=True)))
+        grads = dict.fromkeys(nodes)
+        if norm > 0:  # the gradient of total / norm: relative scores straight out of the backward pass
+            seed = torch.full_like(total, 1.0 / norm)
+            grads.update(zip(nodes, torch.autograd.grad(total, [weights[n].w for n in nodes], seed, allow_unused=True)))
     # |W| * d||Phi||/d|W| of a step with a folded batch-norm scale s is |s W| * d||Phi||/d|s W| (chain rule per
-    # entry): the product of the leaf and its gradient, in the pass's dtype (the gradient is no more precise)
+    # entry): the product of the leaf and its gradient, in the pass's dtype (the gradient is no more precise),
+    # written in the parameter's own (contiguous) layout whatever the pass's
     scores = Scores()
     tensors = params.named_tensors(model)
-    norm = float(total.detach())
     for pname, ns in uses.items():
         score = None
         for n in ns:
-            g = grads[n]
-            if g is None or not norm > 0:  # no path through it, or none at all
+            g, w = grads[n], weights[n].w.detach()
+            if g is None:  # no path through it, or none at all
                 continue
-            g = g.mul_(weights[n].w.detach())
-            score = g if score is None else score.add_(g)
+            if score is None:
+                score = torch.mul(g, w, out=torch.empty(w.shape, dtype=w.dtype, device=w.device))
+            else:
+                score.addcmul_(g, w)
         if score is None:
-            score = torch.zeros_like(weights[ns[0]].w, requires_grad=False)
-        else:
-            score.mul_(1.0 / norm)
+            w = weights[ns[0]].w
+            score = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
         scores[pname] = score.to(tensors[pname].device).view_as(tensors[pname])
     scores.scale = PathValue(float(log2.detach()[0]))
     return scores

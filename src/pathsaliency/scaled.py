@@ -34,10 +34,15 @@ def pow2(k: torch.Tensor, ndim: int) -> torch.Tensor:
     return torch.exp2(k).view((-1,) + (1,) * (ndim - 1))
 
 
+def _sample_max(t: torch.Tensor) -> torch.Tensor:
+    """Each sample's maximum (shape ``(B,)``), read in the tensor's own memory layout (no copy)."""
+    return t.detach().amax(tuple(range(1, t.dim()))) if t.dim() > 1 else t.detach()
+
+
 def renorm(x: Scaled) -> Scaled:
     """Divide each sample by the power of two just above its maximum (exact), count it in ``e``."""
     t = x.t
-    m = t.detach().reshape(t.shape[0], -1).amax(1) if t.dim() > 1 else t.detach()
+    m = _sample_max(t)
     _, k = torch.frexp(m)
     k = k.to(t.dtype)
     return Scaled(t * pow2(-k, t.dim()), x.e + k)
@@ -51,8 +56,7 @@ def settle(x: Scaled, slack: int = 16) -> Scaled:
     t = x.t
     if t.device.type != "cpu":
         return renorm(x)
-    m = t.detach().amax(tuple(range(1, t.dim()))) if t.dim() > 1 else t.detach()  # in any memory layout
-    _, k = torch.frexp(m)
+    _, k = torch.frexp(_sample_max(t))
     if bool((k.abs() <= slack).all()):
         return x
     k = k.to(t.dtype)
