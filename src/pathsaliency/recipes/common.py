@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from pathsaliency.evaluate import deviation  # noqa: F401 (the recipes' per-sample ||R_theta(x) - R_theta'(x)||_1)
 from pathsaliency.evaluate import outputs
 
 

@@ -78,13 +78,13 @@ import torch
 import torch.nn as nn
 
 import pathsaliency as ps
+from pathsaliency import evaluate
 from pathsaliency.bound import CertificateViolation, check_bound, rounding_allowance  # noqa: F401 (raised)
 from pathsaliency.models.cifar_resnet import ShortcutConv, load_cifar_resnet, to_conv_shortcut
 
 from . import harness
 from .cifar10 import cifar10
-from .common import as_tensors, deviation, markdown_table, predict, reestimate_batchnorm, seed_everything, top1, \
-    write_table
+from .common import as_tensors, markdown_table, predict, reestimate_batchnorm, seed_everything, top1, write_table
 from .imagenet import evaluation_data, image_folder, load_model
 from .training import finetune, init_distributed
 from .unstructured import load_data, outputs
@@ -473,7 +473,7 @@ def certificate(spec: Spec, pruned: Pruned, evaluated: nn.Module, logits, ref, *
         raise FunctionMismatch(f"{what}: the embedded copy and the evaluated model differ by {diff:.3g} (relative)")
     d = certify_pruned(spec.model, evaluated, pruned.tracker, spec.input_shape)
     bound = ref[2] * d.value
-    observed = deviation(ref[0], logits)
+    observed = evaluate.deviation(ref[0], logits)
     check_bound(observed, bound, rounding_allowance(ref[0], logits), what=what)
     return d, bound, observed, diff
 
