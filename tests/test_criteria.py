@@ -175,6 +175,10 @@ def test_norm_matched_puts_the_hidden_channels_at_the_out_in_ratio_of_the_stream
 
     assert stream_ratio(m) == pytest.approx(float(r), rel=1e-12)
     assert stream_ratio(_cnn()) == 1.0  # every hidden channel rescalable: global norm-balanced
+    torch.manual_seed(0)  # pre-activation: the stem's channels are read through a batch-norm of their own
+    pre = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 3, 3), nn.Flatten(), nn.Linear(12, 2)).eval()
+    assert stream_ratio(pre, default=None) is None
     nb = unstructured_scores(_cnn(), (2, 8, 8), "norm-balanced")
     assert all(torch.equal(v, unstructured_scores(_cnn(), (2, 8, 8), "norm-matched")[k]) for k, v in nb.items())
 
@@ -192,10 +196,11 @@ def test_norm_matched_masks_are_bit_identical_after_a_power_of_two_rescaling_of_
         assert all(torch.equal(masks[k], masks_r[k]) for k in masks)
 
 
-def test_auto_criterion_is_norm_balanced_lamp_on_batchnorm_networks():
+def test_auto_criterion_is_norm_matched_with_a_residual_stream_else_norm_balanced_lamp_on_batchnorm_networks():
     from pathsaliency.pruning import resolve_criterion
 
-    assert resolve_criterion("auto", _cnn()) == "norm-balanced-lamp"
+    assert resolve_criterion("auto", _residual()) == "norm-matched"
+    assert resolve_criterion("auto", _cnn()) == "norm-balanced-lamp"  # no stream to read the ratio from
     assert resolve_criterion("auto", _mlp()) == "balanced-fan"  # no batch-norm: norm-balanced is undefined
     assert resolve_criterion("auto", _mlp(), calibration=torch.zeros(2, 3)) == "wanda-lamp"
     assert resolve_criterion("magnitude", _mlp()) == "magnitude"

@@ -57,8 +57,9 @@ that start at the batch-norm shift count in ``i``'s mass), summed over the posit
   hidden reader by ``sqrt(r)`` and empties them first under global ranking; ``norm-matched`` puts them in the
   stream's gauge. Invariant: ``r`` reads only parameters that a rescaling does not touch (the writers'
   ``gamma`` belong to non-rescalable channels, the readers consume none), and ``sqrt(|gamma_j| /
-  ||W_:j||)`` absorbs the hidden channel's factor as in ``norm-balanced``. Without non-rescalable
-  batch-norm channels (e.g. VGG-BN: every hidden channel is rescalable) ``r = 1``: global ``norm-balanced``.
+  ||W_:j||)`` absorbs the hidden channel's factor as in ``norm-balanced``. Without batch-norm-fixed
+  channels that a conv/linear reads directly (VGG-BN: every hidden channel is rescalable; DenseNets: a
+  batch-norm of its own before every reader) ``r = 1``: global ``norm-balanced`` (:func:`stream_ratio`).
 
 Data-aware (they need ``calibration`` inputs, e.g. the images used to re-estimate batch-norm statistics):
 
@@ -152,37 +153,51 @@ def norm_matched_scores(model: nn.Module, names, *, output=None) -> dict:
     return {n: rep[n].abs() for n in names}
 
 
-def stream_ratio(model: nn.Module, output=None) -> float:
+def stream_ratio(model: nn.Module, output=None, default=1.0):
     """``r = sqrt(mean ||W_:c||_2^2 / mean gamma_c^2)``: the out/in norm ratio of the trained network's
-    non-rescalable channels (``norm-matched`` in the module docstring). The numerator averages, over
-    every input channel ``c`` of every conv/linear layer that consumes no rescalable channel and does not
-    read the model input, the squared l2 norm of its column; the denominator averages ``gamma_c^2`` over
-    every channel of every affine batch-norm folded into a conv/linear whose channels are not rescalable
-    (and are not the network's output). 1.0 when either set is empty. No parameter it reads is touched
-    by a rescaling, so it is invariant (exactly). A weight-shared module counts once."""
+    non-rescalable channels (``norm-matched`` in the module docstring). The *writers* are the conv/linear
+    layers with a folded affine batch-norm whose channels are not rescalable (and are not the network's
+    output): a residual block's last batch-norm, the stem's. The *readers* are the conv/linear layers
+    that a writer's output reaches through parameter-free operators only (ReLU, pooling, padding, the
+    residual sums; a batch-norm of its own or a conv/linear stops the walk): the residual blocks' first
+    convs, the downsampling convs, the classifier. The numerator averages the squared l2 norm of every
+    input column of every reader, the denominator ``gamma_c^2`` over every channel of every writer.
+    No parameter it reads is touched by a rescaling (a writer's channels are not rescalable, a reader
+    consumes none: it reads what a writer wrote), so it is invariant, exactly. A weight-shared module
+    counts once. ``default`` (1.0) when either set is empty: no batch-norm-fixed channel that a
+    conv/linear reads without a batch-norm in between (plain VGG-BN, DenseNets' pre-activation blocks)."""
     plan = lift(model, output).plan
     params = dict(model.named_parameters())
-    channels = rescalable_channels(plan)
-    producers = {step.module for step, _ in channels}
-    consumers = {s.module for _, cons in channels for s, _ in cons}
-    out_sq = in_sq = 0.0
-    out_n = in_n = 0
-    seen = set()
+    producers = {step.module for step, _ in rescalable_channels(plan)}
+    readers_of = {}
     for step in plan.steps:
-        if not isinstance(step, (steps.ConvStep, steps.ConvTransposeStep, steps.LinearStep)) or step.module in seen:
-            continue
-        seen.add(step.module)
-        if step.module not in consumers and step.input is not plan.input:
-            w = params[qualified(step.module, "weight")].detach().to(torch.float64)
-            out_sq += float((w * w).sum())
-            out_n += _input_features(step, w)
+        readers_of.setdefault(step.input, []).append(step)
+    weighted = (steps.ConvStep, steps.ConvTransposeStep, steps.LinearStep)
+    writers, readers, frontier, seen = {}, {}, [], set()
+    for step in plan.steps:
         gamma = qualified(step.bn, "weight") if step.bn is not None else None
-        if step.module not in producers and gamma in params and step.node is not plan.output:
-            g = params[gamma].detach().to(torch.float64)
-            in_sq += float((g * g).sum())
-            in_n += g.numel()
+        if (isinstance(step, weighted) and step.module not in producers and gamma in params
+                and step.node is not plan.output):
+            writers.setdefault(step.module, params[gamma])
+            frontier.append(step.node)
+    while frontier:
+        node = frontier.pop()
+        if node in seen or node is plan.output:
+            continue
+        seen.add(node)
+        for s in readers_of.get(node, []):
+            if isinstance(s, weighted):
+                readers.setdefault(s.module, s)
+        frontier += [u for u in node.users if u not in plan.absorbed and u not in plan.affine]
+    in_sq = sum(float((g.detach().to(torch.float64) ** 2).sum()) for g in writers.values())
+    in_n = sum(g.numel() for g in writers.values())
+    out_sq = out_n = 0
+    for mname, s in readers.items():
+        w = params[qualified(mname, "weight")].detach().to(torch.float64)
+        out_sq += float((w * w).sum())
+        out_n += _input_features(s, w)
     if not (out_n and in_n and in_sq > 0):
-        return 1.0
+        return default
     return ((out_sq / out_n) / (in_sq / in_n)) ** 0.5
 
 
@@ -194,6 +209,12 @@ def _input_features(step, w) -> int:
     if isinstance(step, steps.LinearStep):
         return int(w.shape[1])
     return int(w.shape[1]) * step.conv.groups
+
+
+def norm_matched_defined(model: nn.Module, output=None) -> bool:
+    """Whether ``norm-matched`` reads its ratio from ``model``: ``norm-balanced`` is defined and the network
+    has non-rescalable batch-norm channels read by a conv/linear (a residual stream; else ``r = 1``)."""
+    return norm_balanced_defined(model, output) and stream_ratio(model, output, default=None) is not None
 
 
 def norm_balanced_defined(model: nn.Module, output=None) -> bool:
