@@ -162,13 +162,15 @@ def stream_ratio(model: nn.Module, output=None, default=1.0):
     residual sums; a batch-norm of its own or a conv/linear stops the walk): the residual blocks' first
     convs, the downsampling convs, the classifier. The numerator averages the squared l2 norm of every
     input column of every reader, the denominator ``gamma_c^2`` over every channel of every writer.
-    No parameter it reads is touched by a rescaling (a writer's channels are not rescalable, a reader
-    consumes none: it reads what a writer wrote), so it is invariant, exactly. A weight-shared module
+    No parameter it reads is touched by a rescaling (a writer's channels are not rescalable; a layer that
+    consumes a rescalable channel is never a reader), so it is invariant, exactly. A weight-shared module
     counts once. ``default`` (1.0) when either set is empty: no batch-norm-fixed channel that a
     conv/linear reads without a batch-norm in between (plain VGG-BN, DenseNets' pre-activation blocks)."""
     plan = lift(model, output).plan
     params = dict(model.named_parameters())
-    producers = {step.module for step, _ in rescalable_channels(plan)}
+    channels = rescalable_channels(plan)
+    producers = {step.module for step, _ in channels}
+    consumers = {s.module for _, cons in channels for s, _ in cons}  # never readers: a rescaling moves them
     readers_of = {}
     for step in plan.steps:
         readers_of.setdefault(step.input, []).append(step)
@@ -186,7 +188,7 @@ def stream_ratio(model: nn.Module, output=None, default=1.0):
             continue
         seen.add(node)
         for s in readers_of.get(node, []):
-            if isinstance(s, weighted):
+            if isinstance(s, weighted) and s.module not in consumers:
                 readers.setdefault(s.module, s)
         frontier += [u for u in node.users if u not in plan.absorbed and u not in plan.affine]
     in_sq = sum(float((g.detach().to(torch.float64) ** 2).sum()) for g in writers.values())
