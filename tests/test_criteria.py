@@ -22,6 +22,36 @@ def _cnn(seed=0):
     return m
 
 
+class _Residual(nn.Module):
+    """A stem (conv-bn-relu), one basic block (conv-bn-relu-conv-bn plus the identity, relu), global
+    average pooling, a linear layer: the block's hidden channels are rescalable, the stream is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = torch.relu(self.bn0(self.stem(x)))
+        s = torch.relu(s + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(s))))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(s, 1), 1))
+
+
+def _residual(seed=0):
+    torch.manual_seed(seed)
+    m = _Residual().eval()
+    for bn in (m.bn0, m.bn1, m.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(-1, 1)
+        bn.bias.data.uniform_(-1, 1)
+    m.bn0.weight.data *= 0.5  # the stream's out/in ratio away from 1, as in trained ResNets (2.2-2.4)
+    m.bn2.weight.data *= 0.5
+    return m
+
+
 def _mlp(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
@@ -125,10 +155,52 @@ def test_norm_balanced_is_magnitude_on_the_representative_with_equal_gamma_and_c
         unstructured_scores(_mlp(), (3,), "norm-balanced")
 
 
-def test_auto_criterion_is_norm_balanced_lamp_on_batchnorm_networks():
+def test_norm_matched_puts_the_hidden_channels_at_the_out_in_ratio_of_the_stream():
+    """By hand on the residual net: r from the stream's readers (conv1: 4 columns, fc: 4 columns; not the
+    stem, which reads the input) and writers (bn0, bn2: 8 gammas); conv2's columns times
+    sqrt(r |gamma1_j| / ||W2_:j||), every other weight as trained."""
+    m = _residual()
+    W = {n: p.detach().double() for n, p in m.named_parameters()}
+    r = (((W["conv1.weight"] ** 2).sum() + (W["fc.weight"] ** 2).sum()) / 8
+         / (((W["bn0.weight"] ** 2).sum() + (W["bn2.weight"] ** 2).sum()) / 8)).sqrt()
+    assert abs(float(r) - 1) > 0.1  # the test can tell r from the balanced ratio 1
+    col = W["conv2.weight"].pow(2).sum((0, 2, 3)).sqrt()
+    want = {"stem.weight": W["stem.weight"].abs(), "conv1.weight": W["conv1.weight"].abs(),
+            "conv2.weight": W["conv2.weight"].abs() * (r * W["bn1.weight"].abs() / col).sqrt().view(1, -1, 1, 1),
+            "fc.weight": W["fc.weight"].abs()}
+    got = unstructured_scores(m, (2, 8, 8), "norm-matched", list(want))
+    for name, w in want.items():
+        torch.testing.assert_close(got[name].double(), w, rtol=1e-6, atol=0)
+    from pathsaliency.criteria import stream_ratio
+
+    assert stream_ratio(m) == pytest.approx(float(r), rel=1e-12)
+    assert stream_ratio(_cnn()) == 1.0  # every hidden channel rescalable: global norm-balanced
+    torch.manual_seed(0)  # pre-activation: the stem's channels are read through a batch-norm of their own
+    pre = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 3, 3), nn.Flatten(), nn.Linear(12, 2)).eval()
+    assert stream_ratio(pre, default=None) is None
+    nb = unstructured_scores(_cnn(), (2, 8, 8), "norm-balanced")
+    assert all(torch.equal(v, unstructured_scores(_cnn(), (2, 8, 8), "norm-matched")[k]) for k, v in nb.items())
+
+
+def test_norm_matched_masks_are_bit_identical_after_a_power_of_two_rescaling_of_a_residual_net(one_thread):
+    m = _residual()
+    r = ps.random_rescale(m, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(r.conv2.weight, m.conv2.weight)
+    a = unstructured_scores(m, (2, 8, 8), "norm-matched")
+    b = unstructured_scores(r, (2, 8, 8), "norm-matched")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for amount in (0.3, 0.6, 0.9):
+        _, masks = ps.prune_unstructured(m, amount, (2, 8, 8), criterion="norm-matched")
+        _, masks_r = ps.prune_unstructured(r, amount, (2, 8, 8), criterion="norm-matched")
+        assert all(torch.equal(masks[k], masks_r[k]) for k in masks)
+
+
+def test_auto_criterion_is_norm_matched_with_a_residual_stream_else_norm_balanced_lamp_on_batchnorm_networks():
     from pathsaliency.pruning import resolve_criterion
 
-    assert resolve_criterion("auto", _cnn()) == "norm-balanced-lamp"
+    assert resolve_criterion("auto", _residual()) == "norm-matched"
+    assert resolve_criterion("auto", _cnn()) == "norm-balanced-lamp"  # no stream to read the ratio from
     assert resolve_criterion("auto", _mlp()) == "balanced-fan"  # no batch-norm: norm-balanced is undefined
     assert resolve_criterion("auto", _mlp(), calibration=torch.zeros(2, 3)) == "wanda-lamp"
     assert resolve_criterion("magnitude", _mlp()) == "magnitude"

@@ -328,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, dtype="float32", dtype_help="precision of the path-magnitude scores (the certified D is float64)")
     p.add_argument("--amount", type=_fraction, required=True, help="fraction of conv/linear weights to remove, in [0, 1]")
     p.add_argument("--criterion", choices=("auto",) + CRITERIA, default="auto",
-                   help="score of a weight (README, 'Choosing a criterion'); auto: norm-balanced-lamp on batch-norm "
-                        "networks, else wanda-lamp with --calibration, else balanced-fan")
+                   help="score of a weight (README, 'Choosing a criterion'); auto: norm-matched on batch-norm "
+                        "networks with a residual stream, else norm-balanced-lamp on batch-norm networks, else "
+                        "wanda-lamp with --calibration, else balanced-fan")
     p.add_argument("--calibration", metavar="DATA", help="inputs for the data-aware criteria, as report's --data: "
                                                          "cifar10-sample, cifar10-train, cifar10-test or a .pt file")
     p.add_argument("--calibration-batches", type=_positive, default=4,

@@ -44,6 +44,22 @@ that start at the batch-norm shift count in ``i``'s mass), summed over the posit
   its readers' rows are not themselves rescaled (ResNets, VGG-BN, DenseNets); other models are refused
   with the channel named.
 * ``norm-balanced-lamp``: LAMP of ``norm-balanced`` (global pruning).
+* ``norm-matched`` ``|W_ij| sqrt(r |gamma_j| / ||W_:j||)``, ranked globally (no per-layer normaliser): plain
+  magnitude on the representative where every rescalable hidden channel has the out/in norm ratio
+  ``||W_:j|| / |gamma_j| = r`` that the trained network has on its *non-rescalable* channels (the residual
+  stream), every other weight as trained. ``r = sqrt(mean ||W_:c||^2 / mean gamma_c^2)``: the mean squared
+  column norm of the conv/linear layers that read non-rescalable channels (the residual blocks' first
+  convs, the classifier; not the layers reading the model input) over the mean squared ``gamma`` of the
+  batch-norms that write them (the blocks' last batch-norms, the stem's). Why: global magnitude compares
+  the stream readers' weights, which sit at the trained ratio ``r``, with the hidden readers' weights;
+  ``norm-balanced`` moves only the hidden channels to ratio 1 (CIFAR ResNet-20/32: ``r`` = 2.2 / 2.4 on the
+  stream, 2.7 / 2.6 on the hidden channels, ``||W_:j|| / |gamma_j|`` as trained), which under-scores every
+  hidden reader by ``sqrt(r)`` and empties them first under global ranking; ``norm-matched`` puts them in the
+  stream's gauge. Invariant: ``r`` reads only parameters that a rescaling does not touch (the writers'
+  ``gamma`` belong to non-rescalable channels, the readers consume none), and ``sqrt(|gamma_j| /
+  ||W_:j||)`` absorbs the hidden channel's factor as in ``norm-balanced``. Without batch-norm-fixed
+  channels that a conv/linear reads directly (VGG-BN: every hidden channel is rescalable; DenseNets: a
+  batch-norm of its own before every reader) ``r = 1``: global ``norm-balanced`` (:func:`stream_ratio`).
 
 Data-aware (they need ``calibration`` inputs, e.g. the images used to re-estimate batch-norm statistics):
 
@@ -84,8 +100,8 @@ from .rescale import rescalable_channels
 from .saliency import _step_of, path_magnitude
 
 DATA_CRITERIA = ("wanda-lamp", "wanda")
-INVARIANT_CRITERIA = DATA_CRITERIA + ("norm-balanced-lamp", "norm-balanced", "balanced-fan", "balanced", "balanced-lamp",
-                                      "path-lamp")
+INVARIANT_CRITERIA = DATA_CRITERIA + ("norm-matched", "norm-balanced-lamp", "norm-balanced", "balanced-fan", "balanced",
+                                      "balanced-lamp", "path-lamp")
 
 
 def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, output=None,
@@ -103,6 +119,8 @@ def invariant_scores(model: nn.Module, input_shape, criterion: str, names, *, ou
                              "batches>, e.g. the images used to re-estimate batch-norm statistics")
         scores = wanda_scores(model, names, calibration, output=output)
         return {n: lamp(s) for n, s in scores.items()} if criterion == "wanda-lamp" else scores
+    if criterion == "norm-matched":
+        return norm_matched_scores(model, names, output=output)
     if criterion.startswith("norm-balanced"):
         scores = norm_balanced_scores(model, names, output=output)
         return {n: lamp(s) for n, s in scores.items()} if criterion == "norm-balanced-lamp" else scores
@@ -124,6 +142,81 @@ def norm_balanced_scores(model: nn.Module, names, *, output=None) -> dict:
     docstring): the absolute weights of :func:`norm_balanced_parameters`."""
     rep = norm_balanced_parameters(model, output, hint="use wanda-lamp or balanced-fan")
     return {n: rep[n].abs() for n in names}
+
+
+def norm_matched_scores(model: nn.Module, names, *, output=None) -> dict:
+    """``|W_ij| sqrt(r |gamma_j| / ||W_:j||)`` for the conv/linear weights ``names`` (see ``norm-matched`` in
+    the module docstring): the absolute weights of :func:`norm_balanced_parameters` at the ratio
+    ``r = stream_ratio(model)``; weights that read no rescalable channel are scored ``|W_ij|``."""
+    rep = norm_balanced_parameters(model, output, hint="use wanda-lamp or balanced-fan",
+                                   ratio=stream_ratio(model, output))
+    return {n: rep[n].abs() for n in names}
+
+
+def stream_ratio(model: nn.Module, output=None, default=1.0):
+    """``r = sqrt(mean ||W_:c||_2^2 / mean gamma_c^2)``: the out/in norm ratio of the trained network's
+    non-rescalable channels (``norm-matched`` in the module docstring). The *writers* are the conv/linear
+    layers with a folded affine batch-norm whose channels are not rescalable (and are not the network's
+    output): a residual block's last batch-norm, the stem's. The *readers* are the conv/linear layers
+    that a writer's output reaches through parameter-free operators only (ReLU, pooling, padding, the
+    residual sums; a batch-norm of its own or a conv/linear stops the walk): the residual blocks' first
+    convs, the downsampling convs, the classifier. The numerator averages the squared l2 norm of every
+    input column of every reader, the denominator ``gamma_c^2`` over every channel of every writer.
+    No parameter it reads is touched by a rescaling (a writer's channels are not rescalable; a layer that
+    consumes a rescalable channel is never a reader), so it is invariant, exactly. A weight-shared module
+    counts once. ``default`` (1.0) when either set is empty: no batch-norm-fixed channel that a
+    conv/linear reads without a batch-norm in between (plain VGG-BN, DenseNets' pre-activation blocks)."""
+    plan = lift(model, output).plan
+    params = dict(model.named_parameters())
+    channels = rescalable_channels(plan)
+    producers = {step.module for step, _ in channels}
+    consumers = {s.module for _, cons in channels for s, _ in cons}  # never readers: a rescaling moves them
+    readers_of = {}
+    for step in plan.steps:
+        readers_of.setdefault(step.input, []).append(step)
+    weighted = (steps.ConvStep, steps.ConvTransposeStep, steps.LinearStep)
+    writers, readers, frontier, seen = {}, {}, [], set()
+    for step in plan.steps:
+        gamma = qualified(step.bn, "weight") if step.bn is not None else None
+        if (isinstance(step, weighted) and step.module not in producers and gamma in params
+                and step.node is not plan.output):
+            writers.setdefault(step.module, params[gamma])
+            frontier.append(step.node)
+    while frontier:
+        node = frontier.pop()
+        if node in seen or node is plan.output:
+            continue
+        seen.add(node)
+        for s in readers_of.get(node, []):
+            if isinstance(s, weighted) and s.module not in consumers:
+                readers.setdefault(s.module, s)
+        frontier += [u for u in node.users if u not in plan.absorbed and u not in plan.affine]
+    in_sq = sum(float((g.detach().to(torch.float64) ** 2).sum()) for g in writers.values())
+    in_n = sum(g.numel() for g in writers.values())
+    out_sq = out_n = 0
+    for mname, s in readers.items():
+        w = params[qualified(mname, "weight")].detach().to(torch.float64)
+        out_sq += float((w * w).sum())
+        out_n += _input_features(s, w)
+    if not (out_n and in_n and in_sq > 0):
+        return default
+    return ((out_sq / out_n) / (in_sq / in_n)) ** 0.5
+
+
+def _input_features(step, w) -> int:
+    """The input features (columns) of a conv/linear weight ``w``: input channels of a conv, every
+    input coordinate of a linear layer."""
+    if isinstance(step, steps.ConvTransposeStep):  # (in, out / groups, *k)
+        return int(w.shape[0])
+    if isinstance(step, steps.LinearStep):
+        return int(w.shape[1])
+    return int(w.shape[1]) * step.conv.groups
+
+
+def norm_matched_defined(model: nn.Module, output=None) -> bool:
+    """Whether ``norm-matched`` reads its ratio from ``model``: ``norm-balanced`` is defined and the network
+    has non-rescalable batch-norm channels read by a conv/linear (a residual stream; else ``r = 1``)."""
+    return norm_balanced_defined(model, output) and stream_ratio(model, output, default=None) is not None
 
 
 def norm_balanced_defined(model: nn.Module, output=None) -> bool:
@@ -301,7 +394,7 @@ def lamp(scores: torch.Tensor) -> torch.Tensor:
     return out.view(scores.shape).to(scores.device)
 
 
-def norm_balanced_parameters(model: nn.Module, output=None, hint="use PathMetricImportance") -> dict:
+def norm_balanced_parameters(model: nn.Module, output=None, hint="use PathMetricImportance", ratio: float = 1.0) -> dict:
     """``{parameter name: tensor}``: every parameter of ``model`` at the *norm-balanced representative* of
     its rescaling orbit (see ``norm-balanced`` in the module docstring), the model itself untouched.
 
@@ -316,7 +409,9 @@ def norm_balanced_parameters(model: nn.Module, output=None, hint="use PathMetric
     ``gamma_j = 0 != W_:j`` gives ``lam_j = inf``: columns 0, ``gamma_j`` 0, ``beta_j`` left as trained
     (its limit is infinite; the only value here that is not invariant). New tensors in each parameter's
     dtype and device (computed in float64). Models where a rescalable layer has no affine batch-norm are
-    refused (the error ends with ``hint``: what to use instead)."""
+    refused (the error ends with ``hint``: what to use instead). With ``ratio`` ``r`` (``norm-matched``), the
+    representative has ``||W_:j / lam_j||_2 = r |gamma_j lam_j|`` instead: ``lam_j = sqrt(||W_:j||_2 /
+    (r |gamma_j|))`` (``r = 1``: the balanced one, bit for bit)."""
     params = dict(model.named_parameters())
     channels = rescalable_channels(lift(model, output).plan)
     missing = _without_batchnorm(channels, params)
@@ -332,6 +427,8 @@ def norm_balanced_parameters(model: nn.Module, output=None, hint="use PathMetric
             out_sq += _per_input_channel(s, w * w, flat, len(gamma))
         norm = out_sq.sqrt()
         one = torch.ones_like(norm)
+        if ratio != 1.0:
+            gamma = gamma * ratio
         lam = torch.where(gamma > 0, (norm / gamma.where(gamma > 0, one)).sqrt(), torch.where(norm > 0, one, 0 * one))
         inv = torch.where(norm > 0, (gamma / norm.where(norm > 0, one)).sqrt(), 0 * one)
         for s, flat in consumers:

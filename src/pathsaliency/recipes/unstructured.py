@@ -2,7 +2,7 @@
 rescaling attack.
 
 For each model and each global sparsity, every criterion of :data:`pathsaliency.pruning.CRITERIA`
-(``path-magnitude``, ``magnitude``, and the invariant ``norm-balanced-lamp``, ``wanda-lamp`` (data-aware), ``balanced-fan``,
+(``path-magnitude``, ``magnitude``, and the invariant ``norm-matched``, ``norm-balanced-lamp``, ``wanda-lamp`` (data-aware), ``balanced-fan``,
 ``balanced``, ``balanced-lamp``, ``path-lamp`` of :mod:`pathsaliency.criteria`), each on the pretrained network and, as ``<criterion> (rescaled)``, on a
 function-preserving random rescaling of it (``random_rescale``, factors 1, 128, 4096): the network
 computes the same function, but plain weight magnitudes no longer say which weights matter; the
@@ -45,8 +45,9 @@ from .training import finetune
 
 CRITERIA = {name: (kind, rescaled) for kind in KINDS for rescaled in (False, True)  # name -> (criterion, rescaled)
             for name in [kind + (" (rescaled)" if rescaled else "")]}
-DEFAULT_CRITERIA = ("path-magnitude", "magnitude", "norm-balanced-lamp", "wanda-lamp", "balanced-fan",
-                    "magnitude (rescaled)", "norm-balanced-lamp (rescaled)", "wanda-lamp (rescaled)")
+DEFAULT_CRITERIA = ("path-magnitude", "magnitude", "norm-matched", "norm-balanced-lamp", "wanda-lamp", "balanced-fan",
+                    "magnitude (rescaled)", "norm-matched (rescaled)", "norm-balanced-lamp (rescaled)",
+                    "wanda-lamp (rescaled)")
 INPUT_SHAPE = (3, 32, 32)
 COLUMNS = ["model", "criterion", "sparsity", "top1_one_shot", "top1", "log10_D", "D_relative", "D_relative_masks",
            "certified_bound", "observed_max", "observed_mean", "exact", "same_masks_as_unrescaled", "bn_reestimated",
