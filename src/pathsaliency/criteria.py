@@ -1,5 +1,13 @@
 """Rescaling-invariant unstructured pruning criteria built from the path-norm pass (MATH.md section 6).
 
+Invariant, here and in the tests, means: the scores (and so the masks) are unchanged, bit for bit for
+power-of-two factors, by every rescaling of the *hidden* channels, the symmetry
+:func:`pathsaliency.random_rescale` draws (a channel whose producer is a conv/linear, through its
+batch-norm if it has one, and whose readers are convs/linears). A residual stream's channel can be
+rescaled too, but only as a family (every batch-norm that writes it and every layer that reads it, a
+whole stage at once, which ``random_rescale`` does not draw); ``norm-balanced`` and ``norm-matched`` read
+the stream as trained, as plain magnitude does, so such a family rescaling would move them.
+
 Notation. The path-norm pass runs the network with ``|theta|`` (batch-norm folded into the conv/linear
 before it), ReLU as the identity, max-pool as a window sum, on the all-ones input. For a neuron ``v``,
 ``F(v)`` is its value in that pass and ``B(v) = d||Phi||_1 / dv`` (the sum over path suffixes from
