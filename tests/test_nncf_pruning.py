@@ -247,18 +247,20 @@ def test_nncf_path_magnitude_masks_are_rescaling_invariant(resnet20):
     assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nncf_masks_of_the_invariant_wanda_lamp_criterion(resnet20, assert_untouched):
-    """criterion="wanda-lamp": NNCF's masks are the library's masks, identical on a rescaled copy, and
-    a scheduler-style update to a higher ratio nests them (scores of the current masked network)."""
+@pytest.mark.parametrize("criterion", ["wanda-lamp", "norm-matched"])
+def test_nncf_masks_of_the_invariant_criteria(resnet20, assert_untouched, criterion):
+    """An invariant criterion (the data-aware wanda-lamp, the default norm-matched, which ignores the
+    calibration): NNCF's masks are the library's masks, identical on a rescaled copy, and a scheduler-style
+    update to a higher ratio nests them (scores of the current masked network)."""
     model, shape = resnet20, CIFAR
     calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
     with assert_untouched(model):
-        pruned = pn.prune(model, 0.5, shape, criterion="wanda-lamp", calibration=calib)
-    expected = masks_from_scores(unstructured_scores(model, shape, "wanda-lamp", calibration=calib), 0.5)
+        pruned = pn.prune(model, 0.5, shape, criterion=criterion, calibration=calib)
+    expected = masks_from_scores(unstructured_scores(model, shape, criterion, calibration=calib), 0.5)
     masks = pn.pruning_masks(pruned)
     _assert_masks_equal(masks, expected)
     rescaled = ps.random_rescale(model, generator=torch.Generator().manual_seed(1))
-    _assert_masks_equal(pn.pruning_masks(pn.prune(rescaled, 0.5, shape, criterion="wanda-lamp", calibration=calib)),
+    _assert_masks_equal(pn.pruning_masks(pn.prune(rescaled, 0.5, shape, criterion=criterion, calibration=calib)),
                         masks)
     later = pn.update_pruning_ratio(pruned, 0.7)
     assert all(bool((later[k] <= masks[k]).all()) for k in masks)  # nested: nothing masked comes back
