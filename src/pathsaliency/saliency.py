@@ -116,22 +116,19 @@ def path_magnitude(model: nn.Module, input_shape, *, output=None, dtype=torch.fl
             grads.update(zip(nodes, torch.autograd.grad(total, [weights[n].w for n in nodes], seed, allow_unused=True)))
     # |W| * d||Phi||/d|W| of a step with a folded batch-norm scale s is |s W| * d||Phi||/d|s W| (chain rule per
     # entry): the product of the leaf and its gradient, in the pass's dtype (the gradient is no more precise),
-    # written in the parameter's own (contiguous) layout whatever the pass's
+    # written into the gradient itself (a fresh tensor of the backward's: no allocation of score-sized memory)
     scores = Scores()
     tensors = params.named_tensors(model)
     for pname, ns in uses.items():
         score = None
         for n in ns:
-            g, w = grads[n], weights[n].w.detach()
+            g = grads[n]
             if g is None:  # no path through it, or none at all
                 continue
-            if score is None:
-                score = torch.mul(g, w, out=torch.empty(w.shape, dtype=w.dtype, device=w.device))
-            else:
-                score.addcmul_(g, w)
+            g = g.mul_(weights[n].w.detach())
+            score = g if score is None else score.add_(g)
         if score is None:
-            w = weights[ns[0]].w
-            score = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+            score = torch.zeros_like(weights[ns[0]].w, requires_grad=False)
         scores[pname] = score.to(tensors[pname].device).view_as(tensors[pname])
     scores.scale = PathValue(float(log2.detach()[0]))
     return scores
