@@ -171,3 +171,27 @@ def test_cached_derivatives_follow_weight_changes_and_pruning(resnet_pair):
     assert len(ours) == len(fresh_groups) > 0
     for g, h in zip(ours, fresh_groups):
         assert torch.equal(imp(g), GroupFisherImportance(batches)(h))
+
+
+def test_torchvision_resnet18_with_in_place_relu(one_thread):
+    """torchvision's ResNet-18 feeds every batch-norm output to an in-place ReLU: the gate derivative read
+    there is the same (``relu(a) dL/drelu(a) = a dL/da``), checked against an explicit gate, and the
+    scores are bit-identical after a power-of-two ``random_rescale``."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = _randomize_bn(torchvision.models.resnet18(num_classes=10))
+    rescaled = random_rescale(model, factors=FACTORS, generator=torch.Generator().manual_seed(1))
+    batches = _batches(n=1, size=4)
+
+    def groups(m):
+        DG = tp.DependencyGraph().build_dependency(m, example_inputs=torch.randn(1, *SHAPE))
+        return list(DG.get_all_groups(ignored_layers=[m.fc]))
+
+    ga = groups(model)
+    sa = [GroupFisherImportance(batches)(g) for g in ga]
+    assert all(torch.equal(a, b) for a, b in zip(sa, [GroupFisherImportance(batches)(g) for g in groups(rescaled)]))
+    group = next(g for g in ga if g[0].dep.target.module is model.layer1[0].conv1)
+    got = GroupFisherImportance(batches, normalizer=None)(group)
+    z = _gated_derivatives(model, [model.layer1[0].bn1], list(range(64)), batches, GroupFisherImportance(batches).loss)
+    order = torch.tensor([int(i) for i in group[0].idxs])
+    torch.testing.assert_close(got, z.pow(2).mean(0).float()[order], rtol=1e-4, atol=0)
