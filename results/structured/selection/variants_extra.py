@@ -139,3 +139,47 @@ VARIANTS["fisher"] = lambda: GateScores("fisher", "mean")
 VARIANTS["fisher-raw"] = lambda: GateScores("fisher", None)
 VARIANTS["gtaylor"] = lambda: GateScores("taylor", "mean")
 VARIANTS["gtaylor-raw"] = lambda: GateScores("taylor", None)
+
+
+# ---- data-free: unit post-activation RMS representative (Gaussian model of the batch-norm output) ----
+def rms_parameters(model):
+    """Every rescalable channel j scaled so that E[relu(gamma_j' z + beta_j')^2] = 1 for z ~ N(0, 1) (the
+    batch-norm's normalised input): lam_j = 1 / RMS_j, RMS_j = |gamma_j| sqrt(g(beta_j / |gamma_j|)),
+    g(t) = (1 + t^2) Phi(t) + t phi(t); consumers' columns times RMS_j. Invariant: RMS_j scales with the
+    channel's rescaling factor, beta/|gamma| does not change."""
+    params = dict(model.named_parameters())
+    channels = rescalable_channels(lift(model).plan)
+    rep = {n: p.detach().to(torch.float64).clone() for n, p in params.items()}
+    for step, consumers in channels:
+        g = params[qualified(step.bn, "weight")].detach().to(torch.float64)
+        b = params[qualified(step.bn, "bias")].detach().to(torch.float64)
+        a = g.abs()
+        t = b / a.clamp_min(1e-300)
+        phi = torch.exp(-0.5 * t * t) / (2 * torch.pi) ** 0.5
+        gt = (1 + t * t) * torch.special.ndtr(t) + t * phi
+        rms = torch.where(a > 0, a * gt.clamp_min(0).sqrt(), b.clamp_min(0))
+        lam = torch.where(rms > 0, 1.0 / rms.clamp_min(1e-300), torch.zeros_like(rms))
+        for s, flat in consumers:
+            s.scale_inputs(rep[qualified(s.module, "weight")], rms, flat)
+        for what in ("weight", "bias"):
+            rep[qualified(step.bn, what)] *= lam
+    return {n: rep[n].to(params[n].dtype) for n in params}
+
+
+class RmsBalanced(RhoBalanced):
+    def representative_modules(self, model):
+        if self._model is None or self._model() is not model:
+            rep = copy.deepcopy(model)
+            balanced = rms_parameters(model)
+            with torch.no_grad():
+                for name, p in rep.named_parameters():
+                    p.copy_(balanced[name])
+            reps = dict(rep.named_modules())
+            self._modules = {m: reps[n] for n, m in model.named_modules()}
+            self._model = weakref.ref(model)
+        return self._modules
+
+
+for red in ("mean", "max"):
+    for p in (1, 2):
+        VARIANTS[f"rms-p{p}-{red}"] = (lambda red=red, p=p: RmsBalanced(p=p, group_reduction=red))
