@@ -168,3 +168,59 @@ def test_a_model_without_batchnorm_is_refused():
     group = DG.get_pruning_group(m[0], tp.prune_conv_out_channels, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="batch-norm"):
         NormBalancedImportance()(group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch-pruning's TaylorImportance is itself rescaling-invariant (a data-aware invariant row that exists)
+
+
+def _frozen(model):
+    from pathsaliency.models.cifar_resnet import ShortcutConv
+    return [m.conv for m in model.modules() if isinstance(m, ShortcutConv)]
+
+
+def _taylor_gradients(model, seed=2):
+    """``loss.backward()`` of one fixed random batch, eval mode (batch-norm statistics untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, *SHAPE, generator=g), torch.randint(0, 10, (16,), generator=g)
+    model.eval().zero_grad(set_to_none=True)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    return model
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(multivariable=True), dict(bias=True), dict(group_reduction="max")])
+def test_taylor_importance_is_bit_identical_under_rescaling(resnet_pair, one_thread, kw):
+    """Each ``theta * dL/dtheta`` is unchanged by a rescaling of a hidden channel: ``gamma_j``, ``beta_j``
+    times ``mu`` and their gradients divided by it, the consumer's column divided by ``mu`` and its
+    gradient multiplied by it, the producer's row (gauged by its batch-norm) and its gradient unchanged.
+    With powers of two every product is exact: torch-pruning's Taylor scores of every group are
+    bit-identical (the frozen shortcut convolutions, which have no gradient, left out as the recipe's
+    ``FrozenFollowingPruner`` does), while its L2 scores change."""
+    from pathsaliency.integrations.torch_pruning._compat import group_with_items
+    model, rescaled = (_taylor_gradients(copy.deepcopy(m)) for m in resnet_pair)
+
+    def groups(m):
+        frozen = set(_frozen(m))
+        return [group_with_items(g, lambda it: it.dep.target.module not in frozen) for g in _groups(m)]
+
+    ga, gb = groups(model), groups(rescaled)
+    taylor = tp.importance.TaylorImportance(**kw)
+    assert all(torch.equal(taylor(a), taylor(b)) for a, b in zip(ga, gb))
+    plain = tp.importance.MagnitudeImportance(p=2)
+    assert not any(torch.equal(plain(a), plain(b)) for a, b in zip(ga, gb))
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_taylor_metapruner_picks_are_invariant_under_rescaling(resnet_pair, one_thread, global_pruning):
+    from pathsaliency.integrations.torch_pruning import FrozenFollowingPruner
+
+    def history(model):
+        _taylor_gradients(model)
+        pruner = FrozenFollowingPruner(model, torch.randn(1, *SHAPE), tp.importance.TaylorImportance(),
+                                       frozen_layers=_frozen(model), ignored_layers=[model.linear],
+                                       pruning_ratio=0.5, global_pruning=global_pruning)
+        pruner.step()
+        return [(n, out, sorted(int(i) for i in idxs)) for n, out, idxs in pruner.pruning_history()]
+
+    ours = history(copy.deepcopy(resnet_pair[0]))
+    assert len(ours) >= 1 and ours == history(copy.deepcopy(resnet_pair[1]))
