@@ -131,7 +131,7 @@ class Config:
 
     models: Tuple[str, ...] = field(default=("resnet20",), metadata={
         "help": "resnet20 resnet32 (resnet44 resnet56) imagenet:resnet18 imagenet:resnet50"})
-    importances: Tuple[str, ...] = field(default=("norm-balanced-max", "path-metric", "l2", "taylor"), metadata={
+    importances: Tuple[str, ...] = field(default=("group-fisher", "norm-balanced-max", "path-metric", "l2", "taylor"), metadata={
         "help": " ".join(IMPORTANCES)})
     macs: Tuple[float, ...] = field(default=(0.3, 0.5), metadata={
         "help": "target fractions of the MACs removed (each importance's channel ratio found by bisection)"})
