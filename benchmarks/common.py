@@ -31,8 +31,10 @@ def median_time(fn, repeat=7, warmup=1, setup=None):
 
 def interleaved(fns: dict, forward, repeat=7, warmup=1):
     """Ratios of each ``fns[name] = (fn, setup)`` to ``forward()``, measured in turns: every round runs
-    ``forward`` and then each function once (``setup()`` untimed before it, its result passed to ``fn``),
-    so that a load that changes during the run weighs on both sides of every ratio alike. Returns
+    ``forward`` and then each function (``setup()`` untimed before each call, its result passed to
+    ``fn``), each first once untimed and then once timed, so that a load that changes during the run
+    weighs on both sides of every ratio alike while every timed call finds the caches its own previous
+    call left (as a forward pass in a loop does), not those of the row before. Returns
     ``{name: {"ms", "x_forward", "cpu_ms", "x_forward_cpu"}}`` with medians over the rounds (wall time, and
     this process's CPU time: with one thread the CPU ratio barely moves when other jobs share the cores)
     and ``{"forward": {"ms", "cpu_ms"}}``."""
@@ -40,6 +42,7 @@ def interleaved(fns: dict, forward, repeat=7, warmup=1):
     calls = {"forward": (lambda _: forward(), None), **fns}
     for r in range(warmup + repeat):
         for name, (fn, setup) in calls.items():
+            fn(setup() if setup else None)  # untimed: the caches as the timed call's own predecessor leaves them
             arg = setup() if setup else None
             _sync()
             t, c = time.perf_counter(), time.process_time()
