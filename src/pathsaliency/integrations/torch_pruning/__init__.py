@@ -15,6 +15,7 @@ the data-aware, invariant mean square over calibration samples of the loss's der
 a gate on each channel (torch-pruning's own ``TaylorImportance`` is invariant too).
 
 One job per module: ``importance`` (the host contract), ``norm_balanced`` (the invariant magnitude),
+``model_state`` (whether a cache still matches the model's parameters),
 ``fisher`` (the invariant group Fisher),
 ``groups`` (a group as core ``Removal`` items), ``input_shape`` (read from the graph's trace), ``frozen`` (layers whose channels follow their groups),
 ``tracker`` (which original channels survive) and ``certificate`` (the certified distance of the

@@ -16,8 +16,13 @@ __all__ = ["graph_of", "module_names", "saved_input", "group_with_items", "group
 
 
 def graph_of(group):
-    """The ``tp.DependencyGraph`` that built ``group`` (``group._DG``), or None."""
-    return getattr(group, "_DG", None)
+    """The ``tp.DependencyGraph`` that built ``group`` (``group._DG``); a ``ValueError`` for a group built
+    without one."""
+    DG = getattr(group, "_DG", None)
+    if DG is None:
+        raise ValueError("the group has no dependency graph (group._DG): build it with "
+                         "tp.DependencyGraph().get_pruning_group or get_all_groups")
+    return DG
 
 
 def module_names(DG) -> dict:

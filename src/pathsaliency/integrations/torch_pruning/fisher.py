@@ -20,13 +20,13 @@ alone) and in averaging squares over samples (no cancellation between samples).
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from ._compat import graph_of
+from .model_state import ModelState
 
 __all__ = ["GroupFisherImportance"]
 
@@ -64,14 +64,13 @@ class GroupFisherImportance(tp.importance.GroupMagnitudeImportance):
         self.calibration = calibration
         self.loss = loss or _summed_loss
         self.device = device
-        self._model, self._values, self._z, self._after = None, None, None, None
+        self._state, self._z, self._after = ModelState(), None, None
 
     # -- gate derivatives --------------------------------------------------------------------------------
 
     def gate_derivatives(self, model):
         """``({module of model: (samples, channels) float64 z}, {conv/linear: the batch-norm it feeds})``."""
-        values = [(n, p.detach()) for n, p in model.named_parameters()]
-        if self._model is not None and self._model() is model and _same(self._values, values):
+        if self._state.same(model):
             return self._z, self._after
         probe = copy.deepcopy(model).eval()
         for p in probe.parameters():
@@ -117,7 +116,7 @@ class GroupFisherImportance(tp.importance.GroupMagnitudeImportance):
         mods = dict(model.named_modules())
         self._z = {mods[n]: torch.cat(v) for n, v in z.items()}
         self._after = {mods[c]: mods[b] for c, b in after.items()}
-        self._model, self._values = weakref.ref(model), [(n, v.clone()) for n, v in values]
+        self._state.remember(model)
         return self._z, self._after
 
     # -- the group score ---------------------------------------------------------------------------------
@@ -125,9 +124,6 @@ class GroupFisherImportance(tp.importance.GroupMagnitudeImportance):
     @torch.no_grad()
     def __call__(self, group):
         DG = graph_of(group)
-        if DG is None:
-            raise ValueError("the group has no dependency graph (group._DG): build it with "
-                             "tp.DependencyGraph().get_pruning_group or get_all_groups")
         z, after = self.gate_derivatives(DG.model)
         followed = set(after.values())
         n = len(group[0].idxs)
@@ -155,7 +151,3 @@ class GroupFisherImportance(tp.importance.GroupMagnitudeImportance):
             return scores
         return self._normalize(scores, self.normalizer)
 
-
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(na == nb and va.shape == vb.shape and torch.equal(va, vb)
-                                    for (na, va), (nb, vb) in zip(a, b))

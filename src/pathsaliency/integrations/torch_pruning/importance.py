@@ -281,9 +281,6 @@ class PathMetricImportance(tp.importance.Importance):
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
         DG = graph_of(group)
-        if DG is None:
-            raise ValueError("the group has no dependency graph (group._DG): build it with "
-                             "tp.DependencyGraph().get_pruning_group or get_all_groups")
         roots = root_indices(group)
         n = len(roots)
         k = channel_groups(group)

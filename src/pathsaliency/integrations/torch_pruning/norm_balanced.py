@@ -10,7 +10,6 @@ copies of one network (powers of two) give bit-identical scores, hence identical
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
 import torch_pruning as tp
@@ -18,6 +17,7 @@ import torch_pruning as tp
 from pathsaliency.criteria import norm_balanced_parameters
 
 from ._compat import graph_of, group_on_modules
+from .model_state import ModelState
 
 __all__ = ["NormBalancedImportance"]
 
@@ -46,12 +46,11 @@ class NormBalancedImportance(tp.importance.GroupMagnitudeImportance):
     def __init__(self, p=2, group_reduction="mean", normalizer="mean", bias=False, output=None, **kw):
         super().__init__(p=p, group_reduction=group_reduction, normalizer=normalizer, bias=bias, **kw)
         self.output = output
-        self._model, self._values, self._modules = None, None, None
+        self._state, self._modules = ModelState(), None
 
     def representative_modules(self, model) -> dict:
         """``{module of model: the same module of the representative copy}`` (cached per parameter state)."""
-        values = [(n, p.detach()) for n, p in model.named_parameters()]
-        if self._model is None or self._model() is not model or not _same(self._values, values):
+        if not self._state.same(model):
             rep = copy.deepcopy(model)
             balanced = norm_balanced_parameters(model, self.output)
             with torch.no_grad():
@@ -59,20 +58,12 @@ class NormBalancedImportance(tp.importance.GroupMagnitudeImportance):
                     p.copy_(balanced[name])
             reps = dict(rep.named_modules())
             self._modules = {m: reps[n] for n, m in model.named_modules()}
-            self._model, self._values = weakref.ref(model), [(n, v.clone()) for n, v in values]
+            self._state.remember(model)
         return self._modules
 
     @torch.no_grad()
     def __call__(self, group):
         DG = graph_of(group)
-        if DG is None:
-            raise ValueError("the group has no dependency graph (group._DG): build it with "
-                             "tp.DependencyGraph().get_pruning_group or get_all_groups")
         modules = self.representative_modules(DG.model)
         return super().__call__(group_on_modules(group, lambda m: modules.get(m, m)))
 
-
-def _same(a, b) -> bool:
-    """Two ``[(name, tensor)]`` lists with the same names, shapes and values."""
-    return len(a) == len(b) and all(na == nb and va.shape == vb.shape and torch.equal(va, vb)
-                                    for (na, va), (nb, vb) in zip(a, b))
