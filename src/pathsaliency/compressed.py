@@ -43,20 +43,23 @@ def module_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     name of the attribute they replace (their stored originals stay listed too, so that a cache keyed on
     the tensors sees them change). Raises :class:`CompressedModelError` for a model read through an
     adapter (see the module docstring)."""
-    _refuse_framework_models(model)
-    out = dict(model.named_parameters(remove_duplicate=False))
-    out.update(model.named_buffers(remove_duplicate=False))
-    for prefix, m in model.named_modules(remove_duplicate=False):
+    modules = list(model.named_modules(remove_duplicate=False))  # one walk of the tree serves every read below
+    _refuse_framework_models(model, modules)
+    parameters, buffers, computed = {}, {}, {}  # in named_parameters(), then named_buffers() order
+    for prefix, m in modules:
         dot = f"{prefix}." if prefix else ""
+        parameters.update((dot + k, p) for k, p in m._parameters.items() if p is not None)
+        buffers.update((dot + k, b) for k, b in m._buffers.items() if b is not None)
         if parametrize.is_parametrized(m):
             for attr in m.parametrizations:
                 with torch.no_grad():
-                    out[dot + attr] = getattr(m, attr)
+                    computed[dot + attr] = getattr(m, attr)
         for hook in m._forward_pre_hooks.values():
             if isinstance(hook, prune.BasePruningMethod):
                 attr = hook._tensor_name
                 with torch.no_grad():
-                    out[dot + attr] = hook.apply_mask(m)
+                    computed[dot + attr] = hook.apply_mask(m)
+    out = {**parameters, **buffers, **computed}
     check_storage(out, "model")
     return out
 
@@ -79,9 +82,16 @@ def check_storage(tensors: Mapping[str, torch.Tensor], what: str) -> None:
             "pathsaliency.Theta.from_folded the dequantized values")
 
 
-def _refuse_framework_models(model: nn.Module) -> None:
+def _refuse_framework_models(model: nn.Module, modules) -> None:
+    """``modules``: ``model.named_modules(remove_duplicate=False)`` as a list (each module counted once here)."""
+    unique, seen = [], set()
+    for name, m in modules:
+        if id(m) not in seen:
+            seen.add(id(m))
+            unique.append((name, m))
+    modules = unique
     storage = getattr(model, _NNCF_HOOKS, None)  # emptied by nncf.strip(..., IN_PLACE): then a plain model
-    nncf = [(name, type(m)) for name, m in model.named_modules()
+    nncf = [(name, type(m)) for name, m in modules
             if type(m).__module__.split(".")[0] == "nncf" and m is not storage]
     if nncf:
         kinds = {cls.__name__ for _, cls in nncf}
@@ -92,14 +102,14 @@ def _refuse_framework_models(model: nn.Module) -> None:
         where = f" on {', '.join(repr(l) for l in layers[:3])}{', ...' if len(layers) > 3 else ''}" if layers else ""
         raise CompressedModelError(f"the model is an NNCF-wrapped model (nncf.torch {what}{where}): "
                                    f"{_NOT_THE_WEIGHTS}; {_NNCF_HINT}")
-    inc = [(name, type(m)) for name, m in model.named_modules()
+    inc = [(name, type(m)) for name, m in modules
            if type(m).__module__.split(".")[0] == "neural_compressor"]
     if inc:
         name, cls = inc[0]
         raise CompressedModelError(f"the model holds Intel Neural Compressor modules ({cls.__name__} at "
                                    f"'{name or '<root>'}'{f' and {len(inc) - 1} more' if len(inc) > 1 else ''}): "
                                    f"{_NOT_THE_WEIGHTS}; {_INC_HINT}")
-    for name, m in model.named_modules():
+    for name, m in modules:
         if isinstance(m, fx.GraphModule):
             qdq = [n for n in m.graph.nodes if n.op == "call_function" and _is_qdq(n.target)]
             if qdq:

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from . import ops
 from .errors import PathSaliencyError
-from .scaled import Scaled, same_exponent, align, log2_total, pow2, raw, renorm, settle, total
+from .scaled import Scaled, same_exponent, align, log2_total, pow2, raw, settle, total
 from .steps import Weights
 
 _NODE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
@@ -133,8 +133,8 @@ class Interpreter:
 
 
 def apply_fixed(action, args, kwargs, q, bias=True):
-    """One fixed (non-parameterised) operator on scaled arguments; ``bias=False`` for a partial stream
-    (which is rescaled only where needed: :func:`~pathsaliency.scaled.settle`)."""
+    """One fixed (non-parameterised) operator on scaled arguments, rescaled where needed
+    (:func:`~pathsaliency.scaled.settle`); ``bias=False`` for a partial stream (no bias terms)."""
     leaves = []
     fx.node.map_aggregate((args, kwargs), lambda a: leaves.append(a) if isinstance(a, Scaled) else None)
     if action.combines:
@@ -152,7 +152,7 @@ def apply_fixed(action, args, kwargs, q, bias=True):
         return tuple(Scaled(o, e) for o in out)
     if not action.renorms:
         return Scaled(out, e)
-    return renorm(Scaled(out, e)) if bias else settle(Scaled(out, e))
+    return settle(Scaled(out, e))
 
 
 def apply_affine(step, x: Scaled, wts: Weights) -> Scaled:
@@ -160,7 +160,7 @@ def apply_affine(step, x: Scaled, wts: Weights) -> Scaled:
     y = step.linear(x.t, wts.w)
     if wts.b is not None:
         y = y + step.bias_view(wts.b, y.dim()) * pow2(-x.e, y.dim())
-    return renorm(Scaled(y, x.e))
+    return settle(Scaled(y, x.e))
 
 
 def fixed_partial(action, n, part, full, num, static):

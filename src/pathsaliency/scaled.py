@@ -1,8 +1,9 @@
 """Activations with a per-sample power-of-two scale: ``t * 2**e`` (MATH.md section 5).
 
 After each operator that can grow values the tensor is divided by the power of two nearest above its
-maximum and ``e`` keeps the count. Powers of two make the rescaling exact, so nothing overflows and
-rescaling invariance stays bit-exact. All tensors are non-negative; nothing is ever subtracted.
+maximum and ``e`` keeps the count (on a CPU only when that maximum has left ``[2**-16, 2**16]``:
+:func:`settle`). Powers of two make the rescaling exact, so nothing overflows and rescaling invariance
+stays bit-exact. All tensors are non-negative; nothing is ever subtracted.
 """
 from __future__ import annotations
 
@@ -89,9 +90,11 @@ def total(terms) -> Scaled:
 
 
 def log2_total(x: Scaled) -> torch.Tensor:
-    """``log2`` of the sum of each sample's entries (float64, shape ``(B,)``)."""
-    s = x.t.reshape(x.t.shape[0], -1).sum(1, dtype=torch.float64)
-    return torch.log2(s) + x.e.to(torch.float64)
+    """``log2`` of the sum of each sample's entries (float64, shape ``(B,)``), as ``log2(m) + k + e`` with
+    ``sum = m * 2**k``, ``m`` in ``[0.5, 1)``: the same ``log2(m)`` whatever power of two the tensor holds, so
+    the result is exact under power-of-two rescaling."""
+    m, k = torch.frexp(x.t.reshape(x.t.shape[0], -1).sum(1, dtype=torch.float64))
+    return torch.log2(m) + (k.to(torch.float64) + x.e.to(torch.float64))
 
 
 def raw(v):
